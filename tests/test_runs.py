@@ -21,7 +21,8 @@ def run_config(root: Path, run_name: str, lr: float = 1e-3):
 
 def test_prepare_run_layout_and_latest(tmp_path: Path) -> None:
     first = prepare_run(run_config(tmp_path, "a"))
-    assert (first / "config.yaml").exists() and (first / "checkpoints").is_dir() and (first / "samples").is_dir()
+    assert (first / "config.yaml").exists()
+    assert (first / "checkpoints").is_dir() and (first / "samples").is_dir()
     assert OmegaConf.load(first / "config.yaml").paths.run_dir == str(tmp_path / "runs/codec/a")
     second = prepare_run(run_config(tmp_path, "b"))
     latest = tmp_path / "runs/codec/latest"
