@@ -306,6 +306,8 @@ def collate_utterances(batch: Sequence[Utterance | None], crop_samples: int | No
     if len(rates) > 1:
         raise ValueError(f"cannot batch clips of different sample rates {sorted(rates)}: resample them first")
     clips = [torch.from_numpy(u.audio) for u in utterances]
+    # Which clips a crop cut: their transcripts no longer match the audio (whole-utterance losses skip them).
+    cropped = torch.tensor([crop_samples is not None and len(clip) > crop_samples for clip in clips])
     if crop_samples is not None:
         clips = [_random_crop(clip, crop_samples, generator) for clip in clips]
     lengths = torch.tensor([len(clip) for clip in clips], dtype=torch.long)
@@ -319,6 +321,7 @@ def collate_utterances(batch: Sequence[Utterance | None], crop_samples: int | No
         "texts": [u.text for u in utterances],
         "speakers": [u.speaker for u in utterances],
         "ids": [u.id for u in utterances],
+        "cropped": cropped,
         "sample_rate": rates.pop(),
     }
 

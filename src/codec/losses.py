@@ -1,0 +1,117 @@
+"""The codec's training objectives: multi-scale log-mel L1, adversarial losses (hinge or least squares),
+feature matching, an auxiliary CTC head for phonetic supervision, and codebook usage statistics.
+
+The CTC head exists because mel-only training keeps the spectrogram's shape but loses phonetic detail that
+ASR needs (calibration notes): predicting the transcript's characters from the quantized latents pushes
+the codes to carry it. It is used in training only and is not part of the codec.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor, nn
+
+
+class MultiScaleMelLoss(nn.Module):
+    """Mean over scales of the L1 distance between log-mel spectrograms: short windows judge timing, long
+    windows judge pitch and formants."""
+
+    def __init__(self, sample_rate: int, n_ffts: list[int], hop_lengths: list[int], n_mels: list[int]):
+        super().__init__()
+        self.mels = nn.ModuleList(
+            torchaudio.transforms.MelSpectrogram(
+                sample_rate, n_fft=n_fft, hop_length=hop, n_mels=mels, power=1.0, norm="slaney",
+                mel_scale="slaney",
+            )
+            for n_fft, hop, mels in zip(n_ffts, hop_lengths, n_mels, strict=True)
+        )
+
+    def log_mel(self, audio: Tensor, scale: int) -> Tensor:
+        """audio [B, T] -> log-mel [B, n_mels, frames] at one of the scales."""
+        return torch.log(self.mels[scale](audio).clamp(min=1e-5))
+
+    def forward(self, reconstruction: Tensor, target: Tensor) -> Tensor:
+        losses = [
+            F.l1_loss(self.log_mel(reconstruction, i), self.log_mel(target, i)) for i in range(len(self.mels))
+        ]
+        return torch.stack(losses).mean()
+
+
+def discriminator_loss(real_logits: list[Tensor], fake_logits: list[Tensor], kind: str) -> Tensor:
+    """Mean over sub-discriminators; kind is 'hinge' or 'lsgan' (least squares)."""
+    losses = []
+    for real, fake in zip(real_logits, fake_logits, strict=True):
+        if kind == "hinge":
+            losses.append(F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        elif kind == "lsgan":
+            losses.append(((1 - real) ** 2).mean() + (fake**2).mean())
+        else:
+            raise ValueError(f"unknown adversarial loss '{kind}' (hinge or lsgan)")
+    return torch.stack(losses).mean()
+
+
+def generator_adversarial_loss(fake_logits: list[Tensor], kind: str) -> Tensor:
+    """Mean over sub-discriminators of how far the fakes are from being judged real."""
+    if kind not in ("hinge", "lsgan"):
+        raise ValueError(f"unknown adversarial loss '{kind}' (hinge or lsgan)")
+    losses = [
+        F.relu(1 - fake).mean() if kind == "hinge" else ((1 - fake) ** 2).mean() for fake in fake_logits
+    ]
+    return torch.stack(losses).mean()
+
+
+def feature_matching_loss(real_features: list[list[Tensor]], fake_features: list[list[Tensor]]) -> Tensor:
+    """Mean L1 distance between the discriminators' feature maps of real and generated audio, averaged
+    over every layer of every sub-discriminator (real features carry no gradient)."""
+    losses = [
+        F.l1_loss(fake, real.detach())
+        for reals, fakes in zip(real_features, fake_features, strict=True)
+        for real, fake in zip(reals, fakes, strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def codebook_usage(codes: Tensor, codebook_size: int) -> dict[str, float]:
+    """Share of the codebook used by a batch of codes, and the perplexity of their histogram (the number
+    of equally likely codes with the same entropy: codebook_size at best, 1 when collapsed)."""
+    counts = torch.bincount(codes.flatten(), minlength=codebook_size).double()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item()}
+
+
+class CTCHead(nn.Module):
+    """Predicts the transcript's characters from quantized latents, trained with CTC (blank = index 0).
+
+    Text is lowercased and every character outside the alphabet is dropped; runs of spaces collapse.
+    """
+
+    def __init__(self, latent_dim: int, dim: int, kernel_size: int, alphabet: str):
+        super().__init__()
+        self.alphabet = alphabet
+        self.char_to_id = {char: i + 1 for i, char in enumerate(alphabet)}
+        self.net = nn.Sequential(
+            nn.Conv1d(latent_dim, dim, kernel_size, padding=kernel_size // 2),
+            nn.GELU(),
+            nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2),
+            nn.GELU(),
+            nn.Conv1d(dim, len(alphabet) + 1, 1),
+        )
+
+    def encode_text(self, text: str) -> list[int]:
+        text = re.sub(r"\s+", " ", text.lower()).strip()
+        return [self.char_to_id[char] for char in text if char in self.char_to_id]
+
+    def forward(self, latents: Tensor, frame_lengths: Tensor, texts: list[str]) -> Tensor:
+        """latents [B, F, D], frames per item [B], transcripts -> mean CTC loss per target character."""
+        log_probs = self.net(latents.transpose(1, 2)).log_softmax(dim=1).permute(2, 0, 1)  # [F, B, V]
+        targets = [torch.tensor(self.encode_text(text), dtype=torch.long) for text in texts]
+        target_lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+        # zero_infinity: a transcript too long for its frames would otherwise give an infinite loss.
+        return F.ctc_loss(log_probs.float(), torch.cat(targets).to(latents.device), frame_lengths,
+                          target_lengths.to(latents.device), blank=0, zero_infinity=True)

@@ -1,0 +1,306 @@
+"""The codec: shapes for every config, FSQ round trip, STFT inversion, causal streaming that equals the
+offline decode, and CodecModule training on real (espeak-ng) speech: the mel loss falls, including the
+adversarial phase; non-finite batches are skipped and counted; checkpoints rebuild the codec."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from voxlm.codec.losses import CTCHead, codebook_usage
+from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
+from voxlm.codec.module import CodecModule, lr_factor
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "codec"
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Speech codecs turn sound into numbers.",
+    "Please call Stella and ask her to bring these things.",
+    "A stream of codes comes back as audio.",
+]
+
+
+def codec_config(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"), resolve=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> list[torch.Tensor]:
+    """A few espeak-ng sentences at 16 kHz."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (scripts/setup.sh installs it)")
+    folder = tmp_path_factory.mktemp("speech")
+    utterances = []
+    for i, text in enumerate(SENTENCES):
+        path = folder / f"{i}.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
+        audio, sr = sf.read(path, dtype="float32")
+        utterances.append(torchaudio.functional.resample(torch.from_numpy(audio), sr, 16000))
+    return utterances
+
+
+# ------------------------------------------------------------------ model
+
+
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "base"])
+def test_encode_decode_shapes(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = codec_config(name)["model"]
+    codec = Codec(**cfg).eval()
+    hop = cfg["hop_length"]
+    num_samples = 7 * hop + hop // 3  # not a multiple of hop: encode pads
+    audio = 0.1 * torch.randn(2, num_samples)
+    codes = codec.encode(audio)
+    assert codes.dtype == torch.long and codes.shape == (2, 8)
+    assert 0 <= codes.min() and codes.max() < codec.codebook_size
+    assert codec.codebook_size == math.prod(cfg["levels"])
+    assert codec.frame_rate == cfg["sample_rate"] / hop and codec.hop_length == hop
+    assert codec.decode(codes).shape == (2, 8 * hop)
+    out = codec(audio)
+    assert out.audio.shape == audio.shape
+    assert out.latents.shape == out.quantized.shape == (2, 8, len(cfg["levels"]))
+
+
+def test_fsq_round_trip() -> None:
+    fsq = FSQ([8, 5, 5, 5])
+    codes = torch.arange(fsq.codebook_size)
+    latents = fsq.codes_to_latent(codes)
+    assert fsq.codebook_size == 1000 and latents.shape == (1000, 4)
+    assert latents.abs().max() <= 1 and torch.unique(latents, dim=0).shape[0] == 1000
+    torch.testing.assert_close(fsq.latent_to_codes(latents * fsq.half_width), codes, rtol=0, atol=0)
+
+    z = torch.randn(3, 50, 4, requires_grad=True) * 3
+    z.retain_grad()
+    quantized, codes = fsq(z)
+    assert codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 1000
+    torch.testing.assert_close(fsq.codes_to_latent(codes), quantized.detach())
+    torch.testing.assert_close(fsq.latent_to_codes(quantized * fsq.half_width), codes, rtol=0, atol=0)
+    quantized.sum().backward()
+    assert z.grad.abs().sum() > 0, "rounding must pass gradients straight through"
+
+
+def test_istft_inverts_stft() -> None:
+    n_fft, hop = 640, 160
+    audio = torch.randn(2, 40 * hop, dtype=torch.float32)
+    real, imag = STFT(n_fft, hop)(audio)
+    istft = ISTFT(n_fft, hop)
+    frames = istft.frames(real.transpose(1, 2), imag.transpose(1, 2))
+    restored = istft.overlap_add(frames)[:, : audio.shape[1]]
+    # Exact wherever every overlapping frame exists, i.e. after the first n_fft - hop samples.
+    torch.testing.assert_close(restored[:, n_fft - hop:], audio[:, n_fft - hop:], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_codec() -> Codec:
+    torch.manual_seed(0)
+    return Codec(**codec_config("tiny")["model"]).eval()
+
+
+@pytest.mark.parametrize("sizes", [[1] * 50, [3, 1, 7, 2, 13, 1, 1, 22], [50], [12, 13, 25]])
+def test_stream_equals_decode(tiny_codec: Codec, sizes: list[int]) -> None:
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, tiny_codec.codebook_size, (2, sum(sizes)), generator=generator)
+    offline = tiny_codec.decode(codes)
+    assert offline.std() > 1e-3, "a silent decoder would make this test vacuous"
+    state = tiny_codec.init_stream(batch_size=2)
+    chunks = []
+    for chunk in codes.split(sizes, dim=1):
+        audio, state = tiny_codec.stream(chunk, state)
+        assert audio.shape == (2, chunk.shape[1] * tiny_codec.hop_length)
+        chunks.append(audio)
+    chunks.append(tiny_codec.flush(state))
+    assert state.codes.shape[1] <= tiny_codec.left_context_frames
+    assert (torch.cat(chunks, dim=1) - offline).abs().max() < 1e-5
+
+
+def test_decoder_is_causal(tiny_codec: Codec) -> None:
+    codes = torch.randint(0, tiny_codec.codebook_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    changed = codes.clone()
+    changed[0, 30] = (codes[0, 30] + 1) % tiny_codec.codebook_size
+    before, after = tiny_codec.decode(codes), tiny_codec.decode(changed)
+    hop = tiny_codec.hop_length
+    assert torch.equal(before[:, : 30 * hop], after[:, : 30 * hop])
+    assert not torch.allclose(before[:, 30 * hop:], after[:, 30 * hop:])
+
+
+def test_left_context_shorter_than_receptive_field_is_refused() -> None:
+    cfg = codec_config("tiny")["model"] | {"left_context_frames": 5}
+    with pytest.raises(ValueError, match="receptive field"):
+        Codec(**cfg)
+
+
+# ------------------------------------------------------------------ losses and schedule
+
+
+def test_codebook_usage_and_ctc_text() -> None:
+    stats = codebook_usage(torch.tensor([0, 0, 1, 1]), codebook_size=4)
+    assert stats["usage"] == 0.5 and stats["perplexity"] == pytest.approx(2.0)
+    head = CTCHead(latent_dim=4, dim=8, kernel_size=3, alphabet=" abcdefghijklmnopqrstuvwxyz'")
+    assert head.encode_text("Hi,  there!") == head.encode_text("hi there")
+
+
+def test_lr_schedule() -> None:
+    assert lr_factor(0, 10, 100, 0.1, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1, "cosine") == pytest.approx(0.1)
+    assert lr_factor(100, 10, 100, 0.1, "exponential") == pytest.approx(0.1)
+    assert 0.1 < lr_factor(55, 10, 100, 0.1, "cosine") < 1.0
+
+
+# ------------------------------------------------------------------ training
+
+
+def loader(batches: list[dict]) -> DataLoader:
+    """Ready-made batches, in order (a bare list would read as a list of dataloaders to Lightning)."""
+    return DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def batches_of(utterances: list[torch.Tensor], crop: int, batch_size: int, texts: list[str]) -> list[dict]:
+    """Fixed batches: each utterance cropped (or zero-padded) to `crop` samples from its middle."""
+    batches = []
+    for start in range(0, len(utterances), batch_size):
+        items = utterances[start: start + batch_size]
+        audio = torch.zeros(len(items), crop)
+        lengths = torch.zeros(len(items), dtype=torch.long)
+        for row, u in enumerate(items):
+            offset = max(0, (len(u) - crop) // 2)
+            piece = u[offset: offset + crop]
+            audio[row, : len(piece)] = piece
+            lengths[row] = len(piece)
+        batches.append({"audio": audio, "lengths": lengths, "texts": texts[start: start + batch_size]})
+    return batches
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.history: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = trainer.callback_metrics
+        self.history.append({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
+
+
+def make_trainer(root: Path, max_steps: int, callbacks=(), val_check_interval: int | None = None
+                 ) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=list(callbacks), num_sanity_val_steps=0, limit_val_batches=1,
+        val_check_interval=val_check_interval, check_val_every_n_epoch=None if val_check_interval else 1,
+        log_every_n_steps=1,
+    )
+
+
+def tiny_module(**loss_overrides) -> CodecModule:
+    cfg = codec_config("tiny")
+    cfg["loss"] |= loss_overrides
+    cfg["optim"]["total_steps"] = 30
+    return CodecModule(cfg["model"], cfg["optim"], cfg["loss"], cfg["log"])
+
+
+@pytest.fixture(scope="module")
+def trained(speech, tmp_path_factory):
+    """30 steps of tiny: mel only for 15, then with the discriminators (on 0.25 s of each 0.5 s crop);
+    validation at the end."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("codec_run")
+    module = tiny_module(adversarial_start_step=15, adversarial_segment_seconds=0.25)
+    pieces = [u[i * 8000: (i + 1) * 8000] for u in speech for i in range(len(u) // 8000)]
+    train = batches_of(pieces[:8], crop=8000, batch_size=4, texts=["x"] * 8)
+    val = batches_of(speech[:2], crop=16000, batch_size=2, texts=SENTENCES[:2])
+    recorder = Recorder()
+    trainer = make_trainer(root, max_steps=30, callbacks=[recorder], val_check_interval=30)
+    trainer.fit(module, train_dataloaders=loader(train * 15), val_dataloaders=loader(val))
+    return trainer, module, recorder.history, root
+
+
+def test_mel_loss_decreases_through_adversarial_phase(trained) -> None:
+    trainer, module, history, _ = trained
+    assert trainer.global_step == 30, "global_step counts generator steps (batches), not both optimizers"
+    mel = [h["train/mel"] for h in history]
+    assert np.mean(mel[-5:]) < 0.85 * np.mean(mel[:5]), mel
+    assert "train/loss_d" not in history[14] and "train/loss_d" in history[-1]
+    assert np.isfinite(history[-1]["train/adversarial"])
+    assert np.isfinite(history[-1]["train/feature_matching"])
+    assert np.mean(mel[-3:]) < np.mean(mel[12:15]) * 1.05, "the adversarial phase must not wreck the mel loss"
+    assert module.nonfinite_steps == 0 and "val_mel_loss" in module.training_summary()
+
+
+def test_validation_writes_samples(trained) -> None:
+    _, _, _, root = trained
+    names = {p.name for p in (root / "samples").iterdir()}
+    expected = {f"step0000030_0_{kind}" for kind in ("original.wav", "reconstruction.wav", "mel.png")}
+    assert expected <= names
+    audio, sr = sf.read(root / "samples" / "step0000030_0_reconstruction.wav")
+    assert sr == 16000 and len(audio) == 16000 and np.abs(audio).max() > 0
+
+
+def test_checkpoint_round_trip(trained, tmp_path: Path) -> None:
+    trainer, module, _, _ = trained
+    path = tmp_path / "codec.ckpt"
+    trainer.save_checkpoint(path)
+    restored = CodecModule.load_from_checkpoint(path)
+    assert restored.model_cfg == module.model_cfg and restored.loss_cfg == module.loss_cfg
+    codec = load_codec_eval(path)
+    assert not codec.training
+    audio = 0.1 * torch.randn(1, 4000, generator=torch.Generator().manual_seed(3))
+    reference = module.codec.eval()
+    torch.testing.assert_close(codec.encode(audio), reference.encode(audio), rtol=0, atol=0)
+    codes = reference.encode(audio)
+    torch.testing.assert_close(codec.decode(codes), reference.decode(codes), rtol=0, atol=0)
+    torch.testing.assert_close(restored.codec.eval().decode(codes), reference.decode(codes), rtol=0, atol=0)
+
+
+def load_codec_eval(path: Path) -> Codec:
+    from voxlm.codec.module import load_codec
+
+    return load_codec(path)
+
+
+def test_nonfinite_batches_are_skipped_and_counted(speech, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = tiny_module(adversarial_start_step=2)
+    good = batches_of(speech, crop=8000, batch_size=2, texts=SENTENCES)
+    bad = {**good[0], "audio": torch.full_like(good[0]["audio"], float("nan"))}
+    batches = [good[0], bad, good[1], bad, good[0], good[1]]
+    make_trainer(tmp_path, max_steps=4).fit(module, train_dataloaders=loader(batches))
+    assert module.nonfinite_steps == 2 and module.trainer.global_step == 4
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(torch.isfinite(b).all() for b in module.codec.buffers()), "NaN must not reach BatchNorm"
+
+    module = tiny_module()
+    module.optim_cfg["max_consecutive_nonfinite"] = 3
+    with pytest.raises(RuntimeError, match="3 consecutive batches had a non-finite"):
+        make_trainer(tmp_path, max_steps=10).fit(module, train_dataloaders=loader([bad] * 5))
+
+
+def test_ctc_head_trains_on_whole_utterances(speech, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = tiny_module(weights={"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "ctc": 1.0})
+    # Crops longer than every utterance: each is padded, hence whole, hence its text matches its audio.
+    crop = max(len(u) for u in speech) + 160
+    batches = batches_of(speech, crop=crop, batch_size=2, texts=SENTENCES) * 4
+    recorder = Recorder()
+    make_trainer(tmp_path, max_steps=8, callbacks=[recorder]).fit(module, train_dataloaders=loader(batches))
+    ctc = [h["train/ctc"] for h in recorder.history]
+    assert all(np.isfinite(ctc)) and ctc[0] > 0.5
+    assert np.mean(ctc[-2:]) < ctc[0], ctc
