@@ -132,6 +132,28 @@ def test_stream_equals_decode(tiny_codec: Codec, sizes: list[int]) -> None:
     assert (torch.cat(chunks, dim=1) - offline).abs().max() < 1e-5
 
 
+def test_batched_encode_equals_encoding_each_clip_alone(speech: list[torch.Tensor]) -> None:
+    """Tokenization batches clips of unequal length: zero padding must not change any clip's latents/codes."""
+    torch.manual_seed(0)
+    codec = Codec(**codec_config("tiny")["model"]).eval()
+    lengths = torch.tensor([len(clip) for clip in speech])
+    batch = codec.pad_to_hop(torch.nn.utils.rnn.pad_sequence(speech, batch_first=True))
+    frames = (lengths + codec.hop_length - 1) // codec.hop_length
+    with torch.no_grad():
+        masked = codec.encoder(batch, frames)
+        unmasked = codec.encoder(batch)
+        for row, clip in enumerate(speech):
+            alone = codec.encoder(codec.pad_to_hop(clip[None]))[0]
+            assert alone.shape[0] == frames[row]
+            assert (masked[row, : len(alone)] - alone).abs().max() < 1e-5
+            if lengths[row] < lengths.max() - 4 * codec.hop_length:  # padded clips: padding must matter
+                assert (unmasked[row, : len(alone)] - alone).abs().max() > 1e-3
+    codes = codec.encode(batch, lengths)
+    for row, clip in enumerate(speech):
+        alone = codec.encode(clip[None])[0]
+        assert torch.equal(codes[row, : len(alone)], alone)
+
+
 def test_decoder_is_causal(tiny_codec: Codec) -> None:
     codes = torch.randint(0, tiny_codec.codebook_size, (1, 40), generator=torch.Generator().manual_seed(2))
     changed = codes.clone()

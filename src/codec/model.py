@@ -137,13 +137,18 @@ class Encoder(nn.Module):
         # latent dimension near zero mean and unit variance, the range FSQ's tanh bound spreads over levels.
         self.latent_norm = nn.BatchNorm1d(latent_dim)
 
-    def forward(self, audio: Tensor) -> Tensor:
+    def forward(self, audio: Tensor, frames: Tensor | None = None) -> Tensor:
+        """frames [B]: each clip's true length in frames, for batches padded to the longest clip. Frames
+        past it are zeroed before every convolution, so a clip encodes the same alone or in any batch."""
         real, imag = self.stft(audio)
+        mask = None if frames is None else (
+            torch.arange(real.shape[-1], device=audio.device) < frames[:, None]).unsqueeze(1).to(real.dtype)
+        masked = (lambda t: t) if mask is None else (lambda t: t * mask)
         # Log magnitude: speech spans ~100 dB, a range convolutions only handle on a log scale.
-        x = 0.5 * torch.log((real**2 + imag**2).clamp(min=1e-10))
-        x = channel_norm(self.norm, self.embed(x))
+        x = masked(0.5 * torch.log((real**2 + imag**2).clamp(min=1e-10)))
+        x = masked(channel_norm(self.norm, self.embed(x)))
         for block in self.blocks:
-            x = block(x)
+            x = masked(block(x))
         x = self.proj(self.final_norm(x.transpose(1, 2)))
         return self.latent_norm(x.transpose(1, 2)).transpose(1, 2)
 
@@ -304,9 +309,15 @@ class Codec(nn.Module):
         return CodecOutput(reconstruction, codes, latents, quantized)
 
     @torch.no_grad()
-    def encode(self, audio: Tensor) -> Tensor:
-        """audio [B, T] -> codes LongTensor [B, ceil(T / hop)] (T is zero-padded to a multiple of hop)."""
-        return self.quantizer(self.encoder(self.pad_to_hop(audio)))[1]
+    def encode(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """audio [B, T] -> codes LongTensor [B, ceil(T / hop)] (T is zero-padded to a multiple of hop).
+
+        lengths [B] (samples) marks zero padding in a batch of unequal clips: each clip's first
+        ceil(length / hop) codes then equal what it encodes to alone.
+        """
+        frames = None if lengths is None else torch.div(lengths + self.hop_length - 1, self.hop_length,
+                                                        rounding_mode="floor")
+        return self.quantizer(self.encoder(self.pad_to_hop(audio), frames))[1]
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:

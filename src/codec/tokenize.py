@@ -41,7 +41,8 @@ def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: s
         audio = torch.zeros(len(utterances), longest)
         for row, utterance in enumerate(utterances):
             audio[row, : len(utterance.audio)] = torch.from_numpy(utterance.audio)
-        codes = codec.encode(audio).cpu().numpy()
+        lengths = torch.tensor([len(u.audio) for u in utterances])
+        codes = codec.encode(audio, lengths).cpu().numpy()
         for row, utterance in enumerate(utterances):
             frames = math.ceil(len(utterance.audio) / hop)
             writer.add(utterance.id, codes[row, :frames], utterance.text, utterance.speaker,
