@@ -1,0 +1,235 @@
+"""The SpeechLM's vocabulary: a Hugging Face text tokenizer, then control tokens, then the codec's codes.
+
+Layout (design.md, "Vocabulary"):
+    [0, text_vocab_size)              the text tokenizer's tokens (a Llama 3 folder's specials included)
+    bos, eos, pad, <|text_start|>...  control tokens (bos/eos are the text tokenizer's when it has them)
+    [code_offset, vocab_size)         <|c_0|> .. <|c_{K-1}|>: one contiguous block, last; code = id - offset
+The layout is saved as `speech_layout.json` beside the tokenizer files and checked on load, so a tokenizer
+built for one codec is never silently paired with another.
+
+<|voice_start|> / <|voice_end|> are reserved in every vocabulary (a prompt made of codes without a
+transcript) so that adding that format later does not shift the code block of saved checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+LAYOUT_FILE = "speech_layout.json"
+LAYOUT_VERSION = 1
+
+# Used when the text tokenizer brings no bos/eos/pad of its own (a trained BPE; Llama 3 has no pad).
+DEFAULT_BOS = "<|begin_of_text|>"
+DEFAULT_EOS = "<|end_of_text|>"
+DEFAULT_PAD = "<|pad|>"
+CONTROL_TOKENS = {
+    "text_start": "<|text_start|>",
+    "text_end": "<|text_end|>",
+    "speech_start": "<|speech_start|>",
+    "speech_end": "<|speech_end|>",
+    "voice_start": "<|voice_start|>",
+    "voice_end": "<|voice_end|>",
+}
+
+Ids = TypeVar("Ids", int, np.ndarray, torch.Tensor)
+
+
+def code_token(code: int) -> str:
+    return f"<|c_{code}|>"
+
+
+def train_text_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts` (no special tokens: SpeechTokenizer.build adds them after the text).
+
+    Byte-level means any string encodes (no unknown token) and decodes back exactly.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False)
+
+
+def load_text_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Any local Hugging Face tokenizer folder (e.g. a Llama 3 tokenizer); never downloads."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: needs a fast tokenizer (tokenizer.json), got {type(tokenizer).__name__}")
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """Where everything sits in the vocabulary; stored in checkpoints, artifacts and speech_layout.json."""
+
+    text_vocab_size: int
+    code_offset: int
+    codebook_size: int
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, pad and CONTROL_TOKENS' names
+    version: int = LAYOUT_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return self.code_offset + self.codebook_size
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> VocabLayout:
+        return cls(**json.loads(text))
+
+
+class SpeechTokenizer:
+    """Text tokenizer + control tokens + a contiguous block of code tokens (see the module docstring)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, layout: VocabLayout) -> None:
+        check_layout(tokenizer, layout)
+        self.tokenizer = tokenizer
+        self.layout = layout
+        ids = layout.special_ids
+        self.bos_id: int = ids["bos"]
+        self.eos_id: int = ids["eos"]
+        self.pad_id: int = ids["pad"]
+        self.text_start_id: int = ids["text_start"]
+        self.text_end_id: int = ids["text_end"]
+        self.speech_start_id: int = ids["speech_start"]
+        self.speech_end_id: int = ids["speech_end"]
+        self.voice_start_id: int = ids["voice_start"]
+        self.voice_end_id: int = ids["voice_end"]
+
+    @classmethod
+    def build(cls, text_tokenizer: PreTrainedTokenizerFast, codebook_size: int) -> SpeechTokenizer:
+        """Extend a text tokenizer (modified in place) with the control tokens and `codebook_size` codes."""
+        if codebook_size < 1:
+            raise ValueError(f"codebook_size must be positive, got {codebook_size}")
+        tok = text_tokenizer
+        text_vocab_size = len(tok)
+        tok.add_special_tokens({
+            "bos_token": tok.bos_token or DEFAULT_BOS,
+            "eos_token": tok.eos_token or DEFAULT_EOS,
+            "pad_token": tok.pad_token or DEFAULT_PAD,
+        })
+        # special=True: decode(skip_special_tokens=True) drops them (and encode_text never produces them).
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL_TOKENS.values()],
+                       special_tokens=True)
+        code_offset = len(tok)
+        codes = [AddedToken(code_token(c), special=True, normalized=False) for c in range(codebook_size)]
+        tok.add_tokens(codes, special_tokens=True)
+        special_ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+        special_ids |= {name: tok.convert_tokens_to_ids(t) for name, t in CONTROL_TOKENS.items()}
+        return cls(tok, VocabLayout(text_vocab_size, code_offset, codebook_size, special_ids))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, codebook_size: int | None = None) -> SpeechTokenizer:
+        """Load what save_pretrained wrote; `codebook_size` (the codec's) is checked against the layout."""
+        path = Path(path)
+        layout_path = path / LAYOUT_FILE
+        if not layout_path.exists():
+            raise FileNotFoundError(
+                f"{path} has no {LAYOUT_FILE}: it is not a SpeechLM tokenizer. Build one with "
+                "SpeechTokenizer.build(text_tokenizer, codebook_size) and save_pretrained it")
+        layout = VocabLayout.from_json(layout_path.read_text())
+        if codebook_size is not None and codebook_size != layout.codebook_size:
+            raise ValueError(
+                f"the tokenizer at {path} was built for a {layout.codebook_size}-code codec, but this codec "
+                f"has {codebook_size} codes: use the tokenizer saved with a SpeechLM trained on this codec's "
+                "shards, or build a new one")
+        return cls(load_text_tokenizer(path), layout)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.tokenizer.save_pretrained(str(path))
+        (path / LAYOUT_FILE).write_text(self.layout.to_json())
+
+    def __len__(self) -> int:
+        return self.layout.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.layout.vocab_size
+
+    @property
+    def code_offset(self) -> int:
+        return self.layout.code_offset
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layout.codebook_size
+
+    def code_to_token(self, codes: Ids) -> Ids:
+        """Codec codes (int, numpy or torch, any shape) -> token ids of the same type and shape."""
+        _check_range(codes, 0, self.codebook_size, "code")
+        if isinstance(codes, torch.Tensor):
+            return codes.long() + self.code_offset
+        if isinstance(codes, np.ndarray):
+            return codes.astype(np.int64) + self.code_offset
+        return int(codes) + self.code_offset
+
+    def token_to_code(self, token_ids: Ids) -> Ids:
+        """Code token ids -> codec codes; raises on any id outside the code block."""
+        _check_range(token_ids, self.code_offset, self.vocab_size, "code token id")
+        return token_ids - self.code_offset
+
+    def is_code(self, token_ids: Ids) -> Ids:
+        """Boolean mask (or bool for an int): which ids are code tokens."""
+        return (token_ids >= self.code_offset) & (token_ids < self.vocab_size)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Text token ids, without bos/eos. Markup typed into the text ("<|speech_end|>") stays plain text,
+        so user input can never inject a control or code token."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def decode_text(self, token_ids: Iterable[int]) -> str:
+        """Text of the text tokens among `token_ids`; control and code tokens are dropped."""
+        ids = [int(i) for i in token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _check_range(values: int | np.ndarray | torch.Tensor, low: int, high: int, what: str) -> None:
+    if isinstance(values, torch.Tensor):
+        bad = values.numel() and bool(((values < low) | (values >= high)).any())
+    else:
+        array = np.asarray(values)
+        bad = array.size and bool(((array < low) | (array >= high)).any())
+    if bad:
+        raise ValueError(f"{what}s must lie in [{low}, {high}), got values outside it")
+
+
+def check_layout(tokenizer: PreTrainedTokenizerFast, layout: VocabLayout) -> None:
+    """Raise when `tokenizer` does not place its tokens where `layout` says (e.g. files from another run)."""
+    problems = []
+    if layout.version != LAYOUT_VERSION:
+        problems.append(f"layout version {layout.version}, this code reads version {LAYOUT_VERSION}")
+    if len(tokenizer) != layout.vocab_size:
+        problems.append(f"{len(tokenizer)} tokens, the layout says {layout.vocab_size}")
+    missing = {"bos", "eos", "pad", *CONTROL_TOKENS} - set(layout.special_ids)
+    if missing:
+        problems.append(f"no ids for {sorted(missing)}")
+    for name, token in CONTROL_TOKENS.items():
+        if name in layout.special_ids and tokenizer.convert_tokens_to_ids(token) != layout.special_ids[name]:
+            problems.append(f"{token} is id {tokenizer.convert_tokens_to_ids(token)}, "
+                            f"the layout says {layout.special_ids[name]}")
+    for name in ("bos", "eos", "pad"):
+        actual = getattr(tokenizer, f"{name}_token_id")
+        if name in layout.special_ids and actual != layout.special_ids[name]:
+            problems.append(f"{name} is id {actual}, the layout says {layout.special_ids[name]}")
+    if max(layout.special_ids.values(), default=-1) >= layout.code_offset:
+        problems.append("a special token lies inside the code block")
+    code_ids = tokenizer.convert_tokens_to_ids([code_token(c) for c in range(layout.codebook_size)])
+    if code_ids != list(range(layout.code_offset, layout.vocab_size)):
+        problems.append(f"<|c_0|>..<|c_{layout.codebook_size - 1}|> are not ids "
+                        f"{layout.code_offset}..{layout.vocab_size - 1} in order")
+    if problems:
+        raise ValueError("tokenizer does not match its vocabulary layout: " + "; ".join(problems))
