@@ -1,0 +1,241 @@
+"""Sampling speech codes from the SpeechLM, with its own decoding loop so that codes stream out as sampled.
+
+    prompts (tts_prompt) ─► left-pad ─► prefill (KV cache) ─► per step: logits ─► code-only mask
+    ─► repetition penalty ─► temperature ─► top-k ─► top-p ─► sample (or argmax) ─► feed back ─► ...
+
+The loop runs a stock `transformers` causal LM step by step over a DynamicCache instead of calling
+`model.generate`, because a server must hand each chunk of codes to the codec decoder while the rest is
+still being sampled, and because the SpeechLM's rules are its own:
+- only code tokens and [speech_end] are ever sampled: text, control and padded-vocabulary rows are masked;
+- a row stops at [speech_end], independently of the other rows of its batch;
+- a row that never says [speech_end] is cut off at its `max_frames` (see `frame_limit`: a budget that grows
+  with the text's length) and flagged `truncated`, so a babbling model costs a bounded amount of compute.
+
+Greedy decoding (do_sample false or temperature 0; repetition_penalty 1) is the argmax path of a plain
+full-recompute forward, which the tests check; sampling is reproducible from `seed` (a torch.Generator).
+Rows that have stopped stay in the batch (fed padding) until the last row stops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+from voxlm.speechlm.tokenizer import SpeechTokenizer
+
+Prompt = Sequence[int] | np.ndarray | Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How each next token is chosen; the defaults are plain sampling from the model's distribution."""
+
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None          # keep the k most likely tokens (None or 0: all)
+    top_p: float = 1.0                # keep the smallest set of tokens holding this much probability
+    repetition_penalty: float = 1.0   # CTRL-style, on codes among the last `repetition_window` generated
+    repetition_window: int | None = None  # None: every code generated so far; 0: none
+    seed: int | None = None           # None: torch's global generator
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError(f"bad sampling settings: {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class CodeChunk:
+    """What one streaming step yields, for each row of the batch."""
+
+    codes: list[Tensor]    # LongTensor [n_i] of codec codes sampled since the previous chunk (may be empty)
+    finished: list[bool]   # the row has stopped: no further chunk carries codes for it
+    truncated: list[bool]  # the row was cut off at its max_frames before it said [speech_end]
+
+
+@dataclass
+class Generation:
+    """Every row's codes, once all rows have stopped."""
+
+    codes: list[Tensor]    # LongTensor [n_i] of codec codes, without [speech_end]
+    truncated: list[bool]
+
+
+def frame_limit(num_text_tokens: int, base_frames: float, frames_per_text_token: float) -> int:
+    """The length guard: at most base + per_token * (text tokens) frames of speech for a text.
+
+    Speech length grows with the text; a limit a few times the typical rate leaves room for slow speech
+    while cutting off a model that never stops."""
+    return max(1, math.ceil(base_frames + frames_per_text_token * num_text_tokens))
+
+
+def allowed_tokens(tok: SpeechTokenizer, num_logits: int) -> Tensor:
+    """BoolTensor [num_logits]: the code block and [speech_end]. Rows past the tokenizer's vocabulary
+    (a padded output layer) and every text or control token stay masked."""
+    if num_logits < tok.vocab_size:
+        raise ValueError(f"the model has {num_logits} output rows, fewer than the tokenizer's "
+                         f"{tok.vocab_size} tokens: model and tokenizer do not belong together")
+    allowed = torch.zeros(num_logits, dtype=torch.bool)
+    allowed[tok.code_offset: tok.vocab_size] = True
+    allowed[tok.speech_end_id] = True
+    return allowed
+
+
+def apply_repetition_penalty(logits: Tensor, recent: Tensor, penalty: float) -> Tensor:
+    """Make tokens in `recent` ([B, W] token ids, -1 for none) less likely: positive logits are divided by
+    the penalty, negative ones multiplied, so the penalty always lowers them (Keskar et al., 2019)."""
+    if penalty == 1.0 or recent.numel() == 0:
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, recent.clamp(min=0), (recent >= 0).to(logits.dtype))
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalized, logits)
+
+
+def filter_top_k(logits: Tensor, k: int | None) -> Tensor:
+    if not k or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def filter_top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filtering: keep the most likely tokens until their probability reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    # A token goes when the tokens before it already hold p; the most likely one never goes.
+    drop = probs.cumsum(dim=-1) - probs >= p
+    ordered = ordered.masked_fill(drop, -math.inf)
+    return torch.full_like(logits, -math.inf).scatter(-1, order, ordered)
+
+
+def next_tokens(logits: Tensor, allowed: Tensor, recent: Tensor, cfg: SamplingConfig,
+                generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] (float32) -> the next token id of each row, [B]."""
+    logits = logits.masked_fill(~allowed, -math.inf)
+    logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_top_p(filter_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def left_pad(prompts: Sequence[Prompt], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts -> (input_ids [B, L], attention_mask [B, L]), padded on the left so every row's next token
+    is sampled from the same (last) position."""
+    rows = [torch.as_tensor(np.asarray(p), dtype=torch.long).reshape(-1) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token (build them with tts_prompt)")
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, longest - len(row):] = row
+        mask[b, longest - len(row):] = 1
+    return ids, mask
+
+
+def _frame_limits(max_frames: int | Sequence[int], prompt_lengths: Tensor, context: int | None) -> Tensor:
+    """Per-row limits [B], also capped so that no row runs past the model's position embeddings."""
+    limits = torch.as_tensor(max_frames, dtype=torch.long).reshape(-1)
+    if len(limits) not in (1, len(prompt_lengths)):
+        raise ValueError(f"{len(limits)} max_frames for {len(prompt_lengths)} prompts")
+    limits = limits.expand(len(prompt_lengths)).clone()
+    if (limits < 1).any():
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if context is not None:
+        room = context - prompt_lengths
+        if (room < 1).any():
+            raise ValueError(f"a prompt of {int(prompt_lengths.max())} tokens leaves no room in the model's "
+                             f"{context} positions: use a shorter voice prompt or text")
+        limits = torch.minimum(limits, room)
+    return limits
+
+
+@torch.no_grad()
+def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence[Prompt],
+                 max_frames: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
+                 chunk_frames: Sequence[int] = (1,)) -> Iterator[CodeChunk]:
+    """Sample codes for a batch of prompts, yielding them in chunks as they are sampled.
+
+    chunk_frames is the schedule of chunk sizes in decoding steps (the last size repeats), e.g. [10, 25, 50]:
+    a small first chunk for a short time to first audio, then larger ones. A chunk also comes when the last
+    row stops. max_frames: one limit for all rows or one per row (see `frame_limit`). The model should be in
+    eval mode; it is run as given.
+    """
+    if not chunk_frames or min(chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be positive sizes, got {list(chunk_frames)}")
+    device = model.device
+    ids, mask = left_pad(prompts, tok.pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    batch = len(ids)
+    limits = _frame_limits(max_frames, mask.sum(1).cpu(),
+                           getattr(model.config, "max_position_embeddings", None)).to(device)
+    max_steps = int(limits.max())
+    generator = None
+    if sampling.seed is not None and not sampling.greedy:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    # Prefill: positions count real tokens only, so a left-padded row sees the positions it would alone.
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)
+    next_position = mask.sum(1)
+    history = torch.full((batch, max_steps), -1, dtype=torch.long, device=device)  # code token ids
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    truncated = torch.zeros(batch, dtype=torch.bool, device=device)
+    window = sampling.repetition_window
+    chunk_start, chunk_index = 0, 0
+
+    for step in range(max_steps):
+        recent = history[:, 0 if window is None else max(0, step - window): step]
+        token = next_tokens(out.logits[:, -1].float(), allowed, recent, sampling, generator)
+        is_code = active & (token != tok.speech_end_id)
+        history[:, step] = torch.where(is_code, token, -1)
+        # Rows advance in lockstep, so an active row has made step + 1 codes by now.
+        cut = is_code & (step + 1 >= limits)
+        truncated |= cut
+        active &= is_code & ~cut
+        done = not bool(active.any())
+
+        size = chunk_frames[min(chunk_index, len(chunk_frames) - 1)]
+        if step + 1 - chunk_start == size or done:
+            yield _chunk(history[:, chunk_start: step + 1], active, truncated, tok.code_offset)
+            chunk_start, chunk_index = step + 1, chunk_index + 1
+        if done:
+            return
+        # Stopped rows are fed padding that nothing attends to; their outputs are ignored from now on.
+        mask = torch.cat([mask, active[:, None].long()], dim=1)
+        fed = torch.where(active, token, tok.pad_id)[:, None]
+        out = model(input_ids=fed, attention_mask=mask, position_ids=next_position[:, None],
+                    cache=out.cache, use_cache=True, logits_to_keep=1)
+        next_position = next_position + active.long()
+
+
+def _chunk(tokens: Tensor, active: Tensor, truncated: Tensor, code_offset: int) -> CodeChunk:
+    codes = [row[row >= 0] - code_offset for row in tokens]
+    return CodeChunk(codes, (~active).tolist(), truncated.tolist())
+
+
+def generate_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence[Prompt],
+                   max_frames: int | Sequence[int],
+                   sampling: SamplingConfig = SamplingConfig()) -> Generation:
+    """Every row's complete codes (the same samples `stream_codes` yields for the same settings)."""
+    codes: list[list[Tensor]] = [[] for _ in prompts]
+    truncated = [False] * len(prompts)
+    for chunk in stream_codes(model, tok, prompts, max_frames, sampling, chunk_frames=(64,)):
+        for row, piece in enumerate(chunk.codes):
+            codes[row].append(piece)
+        truncated = chunk.truncated
+    return Generation([torch.cat(pieces) for pieces in codes], truncated)

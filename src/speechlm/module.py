@@ -1,0 +1,212 @@
+"""Lightning training of the SpeechLM: a stock transformers LlamaForCausalLM, optionally with PEFT LoRA
+adapters, trained on next-token loss from the batch's labels (IGNORE = no loss).
+
+Recipe (a `speechlm` preset's pretrain/sft `optim` section): AdamW (no weight decay on norms), linear
+warm-up then cosine decay to lr * min_lr_ratio at max_steps, gradient-norm clipping at grad_clip. Clipping
+lives here, not in the Trainer (cfg.trainer.gradient_clip_val must stay null), so one value from the preset
+applies under every strategy; FSDP clips with its own sharding-aware clip_grad_norm_.
+
+Logs train/loss, train/lr, train/grad_norm, train/tokens_per_s (non-padding tokens of all ranks per second
+of training step, validation excluded), val/loss (token-weighted over the whole validation set, all
+ranks) and val/ppl. `SpeechLMModule.load_from_checkpoint(path)` rebuilds the model from the checkpoint alone:
+it carries the exact Hugging Face config, the recipe and the vocabulary layout.
+
+Batches are dicts: {"input_ids", "labels", "attention_mask": LongTensor[B, T], ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from voxlm.codec.module import lr_factor
+
+
+def hf_config_dict(model: LlamaForCausalLM) -> dict[str, Any]:
+    """The model's Hugging Face config as plain JSON types (what checkpoints carry)."""
+    return json.loads(model.config.to_json_string(use_diff=False))
+
+
+def add_lora(model: LlamaForCausalLM, lora_cfg: dict[str, Any]) -> torch.nn.Module:
+    """PEFT LoRA adapters on lora_cfg.target_modules; every other weight is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=int(lora_cfg["r"]), lora_alpha=int(lora_cfg["alpha"]),
+                        lora_dropout=float(lora_cfg["dropout"]),
+                        target_modules=list(lora_cfg["target_modules"]), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class SpeechLMModule(L.LightningModule):
+    """The SpeechLM and its training recipe.
+
+    model_config: the Hugging Face LlamaConfig as a dict (`hf_config_dict`); optim_cfg: the preset's
+    pretrain/sft `optim` section; max_steps: where the cosine ends; lora_cfg: the preset's `lora` section
+    (adapters only when enabled); layout: the tokenizer's VocabLayout as a dict, for the record.
+    `model` (not a hyperparameter) gives the initial weights, e.g. a pretrained folder's; without it the
+    model is built from model_config, as load_from_checkpoint does before loading the weights.
+    """
+
+    def __init__(self, model_config: dict[str, Any], optim_cfg: dict[str, Any], max_steps: int,
+                 lora_cfg: dict[str, Any] | None = None, layout: dict[str, Any] | None = None,
+                 model: LlamaForCausalLM | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.optim_cfg, self.max_steps = optim_cfg, int(max_steps)
+        self.lora_enabled = bool(lora_cfg and lora_cfg.get("enabled"))
+        model = model if model is not None else LlamaForCausalLM(LlamaConfig.from_dict(model_config))
+        self.model = add_lora(model, lora_cfg) if self.lora_enabled else model
+        # Throughput and loss bookkeeping; the totals travel in checkpoints so a resumed run reports the
+        # whole run's throughput.
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.first_loss: float | None = None
+        self.grad_norm: Tensor | None = None
+        self._step_start: float | None = None
+        self._last_step_end: float | None = None
+        self._batch_tokens = 0
+        self._val_sum = torch.zeros(())
+        self._val_count = torch.zeros(())
+        self.last_val: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- model
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        """Mean next-token loss over the batch's labelled positions (the model shifts the labels)."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss
+
+    def plain_model(self) -> LlamaForCausalLM:
+        """The model as a stock LlamaForCausalLM: LoRA adapters merged into the base weights (this
+        unwraps the module's model: call it once training is over)."""
+        if self.lora_enabled:
+            self.model = self.model.merge_and_unload()
+            self.lora_enabled = False
+        return self.model
+
+    # ---------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_cfg
+        # By name, not by tensor rank: under FSDP the parameters are flattened shards.
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if "norm" in name or name.endswith(".bias") else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(cfg["weight_decay"])},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(cfg["lr"]), betas=tuple(cfg["betas"]))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        cfg = self.optim_cfg
+        return lr_factor(step, int(cfg["warmup_steps"]), self.max_steps, float(cfg["min_lr_ratio"]), "cosine")
+
+    def on_fit_start(self) -> None:
+        if self.trainer.gradient_clip_val is not None:
+            raise ValueError(
+                "the SpeechLM clips gradients itself: leave trainer.gradient_clip_val null and set "
+                "speechlm.<pretrain|sft>.optim.grad_clip instead")
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        max_norm = self.optim_cfg.get("grad_clip")
+        if not max_norm:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel):
+            self.grad_norm = wrapped.clip_grad_norm_(float(max_norm))  # a norm over every rank's shard
+        else:
+            params = [p for p in self.parameters() if p.grad is not None]
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self(batch)
+        self._batch_tokens = int(batch["attention_mask"].sum())
+        if self.first_loss is None and self.global_step == 0:
+            self.first_loss = float(loss.detach())
+        batch_size = len(batch["input_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optim_cfg["lr"] * self.lr_factor(self.global_step), batch_size=batch_size)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # From the previous step's end, so data loading counts; but not across validation or start-up.
+        now = time.perf_counter()
+        self._step_start = self._last_step_end if self._last_step_end is not None else now
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        seconds = now - (self._step_start if self._step_start is not None else now)
+        self._last_step_end = now
+        # Same-sized batches on every rank is the usual case (packed rows); SFT rows vary a little.
+        tokens = self._batch_tokens * self.trainer.world_size
+        self.tokens_seen += tokens
+        self.train_seconds += seconds
+        if seconds > 0:
+            self.log("train/tokens_per_s", tokens / seconds, batch_size=1)
+        if self.grad_norm is not None:
+            self.log("train/grad_norm", self.grad_norm, batch_size=1)
+            self.grad_norm = None
+
+    # ---------------------------------------------------------------- validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._last_step_end = None
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # The model's loss is a mean over this batch's labelled tokens (after the shift); weighting it by
+        # their count makes val/loss the mean over every token of the validation set.
+        count = (batch["labels"][:, 1:] != -100).sum()
+        if count == 0:
+            return
+        self._val_sum += self(batch).double() * count
+        self._val_count += count
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        if count == 0:
+            return
+        loss = float(total / count)
+        self.last_val = {"val_tokens": int(count)}
+        self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 80.0))}, prog_bar=True, batch_size=1)
+        self._last_step_end = None
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["speechlm_progress"] = {"tokens_seen": self.tokens_seen, "first_loss": self.first_loss,
+                                           "train_seconds": self.train_seconds}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        progress = checkpoint.get("speechlm_progress", {})
+        self.tokens_seen = int(progress.get("tokens_seen", 0))
+        self.train_seconds = float(progress.get("train_seconds", 0.0))
+        self.first_loss = progress.get("first_loss")
+
+    def training_summary(self) -> dict[str, Any]:
+        """What metrics.json records about the run beyond the logged scalars."""
+        summary: dict[str, Any] = {
+            "tokens_seen": self.tokens_seen, "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_s": self.tokens_seen / self.train_seconds if self.train_seconds > 0 else None,
+            "train_loss_first": self.first_loss,
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "lora": bool(self.hparams.get("lora_cfg") and self.hparams["lora_cfg"].get("enabled")),
+        }
+        return {**summary, **self.last_val}

@@ -1,0 +1,124 @@
+"""Voices: a reference recording's transcript and codec codes, the prompt the SpeechLM continues in its voice.
+
+A voice is built once from a wav and its transcript (the audio goes through the same trim and loudness steps
+as the training data, at the codec's sample rate, then the codec encoder) and saved as a small folder:
+
+    <voices_dir>/<name>/voice.json     name, transcript, speaker, codec facts (codebook size, rates)
+                        codes.npy      int64 [frames]
+                        reference.wav  the preprocessed audio that was encoded, to rebuild the voice with
+                                       another codec
+
+Codes only mean something to the codec that made them, so a voice records its codec's codebook size and
+rates and refuses a codec that differs (`check_codec`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxlm.codec.model import Codec
+from voxlm.data.audio import load_audio, save_audio
+from voxlm.data.dataset import Preprocess
+
+META_FILE = "voice.json"
+CODES_FILE = "codes.npy"
+REFERENCE_FILE = "reference.wav"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Voice:
+    name: str
+    text: str            # what the reference says, as the SpeechLM reads it
+    codes: np.ndarray = field(repr=False)  # int64 [frames]
+    codebook_size: int
+    frame_rate: float
+    sample_rate: int
+    speaker: str | None = None
+
+    @property
+    def duration(self) -> float:
+        return len(self.codes) / self.frame_rate
+
+    def check_codec(self, codec: Codec) -> None:
+        """Raise unless `codec` reads these codes: same codebook and rates as the codec that made them."""
+        ours = (self.codebook_size, self.frame_rate, self.sample_rate)
+        theirs = (codec.codebook_size, codec.frame_rate, codec.sample_rate)
+        if ours != theirs:
+            raise ValueError(
+                f"voice '{self.name}' was encoded by a codec with (codes, frames/s, Hz) = {ours}, this codec "
+                f"has {theirs}: rebuild the voice from its {REFERENCE_FILE} with this codec")
+
+    def save(self, folder: str | Path, reference_audio: np.ndarray | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in asdict(self).items() if k != "codes"}
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        np.save(folder / CODES_FILE, np.asarray(self.codes, dtype=np.int64))
+        if reference_audio is not None:
+            save_audio(folder / REFERENCE_FILE, reference_audio, self.sample_rate)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Voice:
+        folder = Path(folder)
+        if not (folder / META_FILE).is_file() or not (folder / CODES_FILE).is_file():
+            raise FileNotFoundError(f"{folder} is not a voice folder (needs {META_FILE} and {CODES_FILE})")
+        meta = json.loads((folder / META_FILE).read_text())
+        return cls(codes=np.load(folder / CODES_FILE).astype(np.int64), **meta)
+
+
+def encode_voice(codec: Codec, audio_path: str | Path, text: str, name: str, speaker: str | None = None,
+                 preprocess: Preprocess | None = None) -> tuple[Voice, np.ndarray]:
+    """(the voice, the preprocessed audio it encodes) from a recording of `text` in any format and rate."""
+    if not text.strip():
+        raise ValueError(f"a voice needs the transcript of {audio_path}")
+    audio, rate = load_audio(audio_path, codec.sample_rate)
+    if preprocess is not None:
+        audio = preprocess(audio, rate)
+    device = codec.quantizer.levels.device
+    codes = codec.encode(torch.from_numpy(audio)[None].to(device))[0].cpu().numpy().astype(np.int64)
+    voice = Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate,
+                  speaker)
+    return voice, audio
+
+
+def check_name(name: str) -> str:
+    """A voice name is one plain folder name, never a path."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"bad voice name '{name}': use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def list_voices(voices_dir: str | Path) -> list[str]:
+    voices_dir = Path(voices_dir)
+    if not voices_dir.is_dir():
+        return []
+    return sorted(p.name for p in voices_dir.iterdir() if (p / META_FILE).is_file())
+
+
+def save_voice(voice: Voice, voices_dir: str | Path, reference_audio: np.ndarray | None = None) -> Path:
+    """Save under <voices_dir>/<voice.name>/ (replacing a voice of that name)."""
+    return voice.save(Path(voices_dir) / check_name(voice.name), reference_audio)
+
+
+def load_voice(reference: str | Path, voices_dir: str | Path) -> Voice:
+    """A voice by folder path or by name under voices_dir; the error lists the voices that exist."""
+    path = Path(reference)
+    if (path / META_FILE).is_file():
+        return Voice.load(path)
+    named = Path(voices_dir) / str(reference)
+    if (named / META_FILE).is_file():
+        return Voice.load(named)
+    existing = list_voices(voices_dir)
+    hint = f"voices in {voices_dir}: {', '.join(existing)}" if existing else (
+        f"no voices saved in {voices_dir} yet")
+    raise FileNotFoundError(
+        f"no voice '{reference}' ({hint}); to clone a recording, pass voice=path/to/ref.wav "
+        "voice_text=\"its transcript\"")

@@ -1,0 +1,403 @@
+"""Sampling and streaming generation (voxlm.speechlm.generate), voices, and the synth.py command line.
+
+Two kinds of tiny Llama: a random one (attention live: cache, left padding and positions all matter) and a
+"bigram" one whose attention and MLP outputs are zeroed and whose output layer is set by hand, so that the
+next token is a chosen function of the current one: stops, per-row stops and the length guard then happen
+at known steps.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaForCausalLM
+
+from voxlm.codec.model import Codec
+from voxlm.data.dataset import Preprocess
+from voxlm.speechlm.generate import (
+    SamplingConfig,
+    allowed_tokens,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    frame_limit,
+    generate_codes,
+    stream_codes,
+)
+from voxlm.speechlm.model import build_model
+from voxlm.speechlm.sequences import tts_prompt
+from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
+from voxlm.speechlm.voices import Voice, encode_voice, list_voices, load_voice, save_voice
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import synth  # noqa: E402
+
+torch.set_num_threads(1)
+CODEBOOK = 64  # the tiny codec's levels [4, 4, 4]
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A stitch in time saves nine, they say.",
+    "Is it raining in Paris? I don't think so.",
+    "She sells sea shells by the sea shore.",
+]
+GREEDY = SamplingConfig(do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def tok() -> SpeechTokenizer:
+    return SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK)
+
+
+def tiny_lm(tok: SpeechTokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """The tiny preset, untied (output rows set independently of the inputs) and with a padded vocabulary,
+    so padded output rows exist for the sampler to mask."""
+    cfg = OmegaConf.load(ROOT / "configs" / "speechlm" / "tiny.yaml").model
+    cfg = {**OmegaConf.to_container(cfg), "tie_word_embeddings": False, "pad_vocab_to_multiple_of": 128,
+           **overrides}
+    torch.manual_seed(seed)
+    return build_model(cfg, len(tok), tok.layout.special_ids).eval()
+
+
+@pytest.fixture(scope="module")
+def random_lm(tok: SpeechTokenizer) -> LlamaForCausalLM:
+    """Random weights, sharper than the preset's init so that argmax ties cannot hide a wrong path; the
+    [speech_end] output row is zeroed (logit 0) so greedy rows run long rather than stopping at once."""
+    model = tiny_lm(tok, initializer_range=0.2)
+    with torch.no_grad():
+        model.lm_head.weight[tok.speech_end_id] = 0
+    return model
+
+
+def bigram_lm(tok: SpeechTokenizer, successor: dict[int, int]) -> LlamaForCausalLM:
+    """A Llama whose next token is successor[current token] (near-deterministically, even when sampling).
+
+    With every attention and MLP output projection zeroed, the last hidden state is the current token's
+    embedding, RMS-normalized; output row j = the normalized embedding of j's predecessor makes j's logit
+    the dimension (64) for that predecessor, against ~N(0, 8) for any other input; a row with two
+    predecessors is their sum."""
+    model = tiny_lm(tok, seed=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        normalized = embeddings / embeddings.pow(2).mean(-1, keepdim=True).sqrt()
+        model.lm_head.weight.zero_()
+        for current, following in successor.items():
+            model.lm_head.weight[following] += normalized[current]  # a token may have two predecessors
+    return model
+
+
+def code(tok: SpeechTokenizer, c: int) -> int:
+    return tok.code_offset + c
+
+
+def chain(tok: SpeechTokenizer, start: int, codes: list[int], end: int | None) -> dict[int, int]:
+    """start -> codes[0] -> codes[1] -> ... -> end (token ids; codes given as codec codes)."""
+    tokens = [start, *(code(tok, c) for c in codes)] + ([end] if end is not None else [])
+    return dict(zip(tokens[:-1], tokens[1:], strict=True))
+
+
+def reference_greedy(model: LlamaForCausalLM, tok: SpeechTokenizer, prompt: np.ndarray,
+                     steps: int) -> list[int]:
+    """The argmax path of a plain forward over the whole sequence each step: no cache, no padding."""
+    ids = torch.as_tensor(prompt)[None]
+    allowed = allowed_tokens(tok, model.config.vocab_size)
+    codes = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids).logits[0, -1].masked_fill(~allowed, -math.inf)
+            token = int(logits.argmax())
+            if token == tok.speech_end_id:
+                break
+            codes.append(token - tok.code_offset)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return codes
+
+
+def prompts(tok: SpeechTokenizer) -> list[np.ndarray]:
+    """Three prompts of different lengths: with and without a voice prompt."""
+    rng = np.random.default_rng(0)
+    return [tts_prompt(tok, "Hello there.", "She sells sea shells.", rng.integers(0, CODEBOOK, 9)),
+            tts_prompt(tok, "Is it raining in Paris?"),
+            tts_prompt(tok, "A stitch in time.", "Nine.", rng.integers(0, CODEBOOK, 3))]
+
+
+# --- sampling pieces ---------------------------------------------------------------------------------------
+
+def test_allowed_tokens_are_the_code_block_and_speech_end(tok: SpeechTokenizer) -> None:
+    allowed = allowed_tokens(tok, len(tok) + 11)  # a padded output layer
+    expected = set(range(tok.code_offset, len(tok))) | {tok.speech_end_id}
+    assert set(torch.nonzero(allowed).flatten().tolist()) == expected
+    with pytest.raises(ValueError, match="do not belong together"):
+        allowed_tokens(tok, len(tok) - 1)
+
+
+def test_logit_filters() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_top_k(logits, 2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.75)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.4)).tolist() == [[True, False, False, False]]
+    assert torch.equal(filter_top_k(logits, None), logits) and torch.equal(filter_top_p(logits, 1.0), logits)
+    recent = torch.tensor([[0, 2, -1, 2]])  # -1: no code there yet
+    penalized = apply_repetition_penalty(torch.tensor([[2.0, 1.0, -1.0, 3.0]]), recent, 2.0)
+    assert penalized.tolist() == [[1.0, 1.0, -2.0, 3.0]]
+
+
+def test_frame_limit_grows_with_text() -> None:
+    assert frame_limit(0, 20, 5) == 20
+    assert frame_limit(10, 20, 5.5) == 75
+    assert frame_limit(0, 0, 1) == 1
+
+
+# --- greedy, sampling and streaming on the random model ----------------------------------------------------
+
+def test_greedy_equals_full_recompute_argmax(tok: SpeechTokenizer, random_lm: LlamaForCausalLM) -> None:
+    prompt = prompts(tok)[0]
+    generated = generate_codes(random_lm, tok, [prompt], max_frames=24, sampling=GREEDY)
+    expected = reference_greedy(random_lm, tok, prompt, steps=24)
+    assert len(expected) == 24 and len(set(expected)) > 3  # a real path, not one code repeated
+    assert generated.codes[0].tolist() == expected
+    assert generated.truncated == [True]  # [speech_end] never wins here: the guard cut it
+    # temperature 0 is greedy too, whatever do_sample says
+    again = generate_codes(random_lm, tok, [prompt], 24, SamplingConfig(temperature=0.0, seed=3))
+    assert again.codes[0].tolist() == expected
+
+
+def test_batched_rows_equal_unbatched_rows(tok: SpeechTokenizer, random_lm: LlamaForCausalLM) -> None:
+    rows = prompts(tok)
+    limits = [12, 20, 16]
+    batched = generate_codes(random_lm, tok, rows, limits, GREEDY)
+    for prompt, limit, codes in zip(rows, limits, batched.codes, strict=True):
+        alone = generate_codes(random_lm, tok, [prompt], limit, GREEDY)
+        assert codes.tolist() == alone.codes[0].tolist()
+        assert len(codes) == limit
+    assert batched.truncated == [True, True, True]
+
+
+def test_seed_makes_sampling_reproducible(tok: SpeechTokenizer, random_lm: LlamaForCausalLM) -> None:
+    rows = prompts(tok)[:2]
+
+    def sample(seed: int) -> list[list[int]]:
+        cfg = SamplingConfig(temperature=1.2, top_k=40, top_p=0.95, repetition_penalty=1.3,
+                             repetition_window=8, seed=seed)
+        return [c.tolist() for c in generate_codes(random_lm, tok, rows, 30, cfg).codes]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert first != [c.tolist() for c in generate_codes(random_lm, tok, rows, 30, GREEDY).codes]
+
+
+def test_streaming_yields_the_same_codes(tok: SpeechTokenizer, random_lm: LlamaForCausalLM) -> None:
+    rows = prompts(tok)
+    cfg = SamplingConfig(temperature=1.0, top_k=20, seed=11)
+    whole = generate_codes(random_lm, tok, rows, [9, 14, 5], cfg)
+    chunks = list(stream_codes(random_lm, tok, rows, [9, 14, 5], cfg, chunk_frames=[2, 5]))
+    # Schedule: 2 steps, then 5 at a time; row 2 (5 frames) finishes inside the second chunk.
+    assert [len(c.codes[1]) for c in chunks] == [2, 5, 5, 2]
+    assert [c.finished[2] for c in chunks] == [False, True, True, True]
+    assert [len(c.codes[2]) for c in chunks] == [2, 3, 0, 0]
+    assert chunks[-1].finished == [True, True, True]
+    for row in range(len(rows)):
+        streamed = torch.cat([c.codes[row] for c in chunks])
+        assert streamed.tolist() == whole.codes[row].tolist()
+
+
+def test_only_codes_and_speech_end_are_ever_sampled(tok: SpeechTokenizer) -> None:
+    """A model that strongly prefers text, control and padded-vocabulary tokens still yields only codes."""
+    model = tiny_lm(tok, seed=2)
+    forbidden = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    forbidden[allowed_tokens(tok, model.config.vocab_size)] = False
+    assert forbidden[len(tok):].any()  # padded rows exist
+    with torch.no_grad():
+        # Every input carries +10 in dimension 0, and every forbidden output row reads dimension 0 only.
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight[forbidden] = 0.0
+        model.lm_head.weight[forbidden, 0] = 5.0
+        unmasked = model(input_ids=torch.as_tensor(prompts(tok)[1])[None]).logits[0, -1]
+    assert forbidden[unmasked.argmax()], "the test model must prefer a forbidden token"
+    cfg = SamplingConfig(temperature=3.0, seed=0)
+    generated = generate_codes(model, tok, prompts(tok), 40, cfg)
+    for codes in generated.codes:
+        assert ((codes >= 0) & (codes < CODEBOOK)).all()
+    assert sum(len(c) for c in generated.codes) > 10
+
+
+# --- stopping and the length guard on the bigram model -----------------------------------------------------
+
+def test_rows_stop_at_speech_end_independently(tok: SpeechTokenizer) -> None:
+    # [speech_start] -> c0 -> c1 -> ... -> c9 -> [speech_end]: a prompt ending in c5 stops after c6..c9.
+    model = bigram_lm(tok, chain(tok, tok.speech_start_id, list(range(10)), tok.speech_end_id))
+    rows = [tts_prompt(tok, "Hello.", "Ref.", np.array([3, 5])), tts_prompt(tok, "A longer text here.")]
+    for sampling in (GREEDY, SamplingConfig(seed=0)):
+        generated = generate_codes(model, tok, rows, 50, sampling)
+        assert [c.tolist() for c in generated.codes] == [[6, 7, 8, 9], list(range(10))]
+        assert generated.truncated == [False, False]
+    chunks = list(stream_codes(model, tok, rows, 50, GREEDY, chunk_frames=[3]))
+    assert [c.finished for c in chunks] == [[False, False], [True, False], [True, False], [True, True]]
+    assert [len(c.codes[0]) for c in chunks] == [3, 1, 0, 0]
+    # The same rows alone stop at the same codes.
+    assert generate_codes(model, tok, rows[:1], 50, GREEDY).codes[0].tolist() == [6, 7, 8, 9]
+
+
+def test_length_guard_cuts_a_model_that_never_stops(tok: SpeechTokenizer) -> None:
+    successor = chain(tok, tok.speech_start_id, [0, 1, 2], None) | {code(tok, 2): code(tok, 0)}  # a cycle
+    model = bigram_lm(tok, successor)
+    rows = [tts_prompt(tok, "Hello."), tts_prompt(tok, "Bye.")]
+    generated = generate_codes(model, tok, rows, [7, 3], SamplingConfig(seed=0))
+    assert [c.tolist() for c in generated.codes] == [[0, 1, 2, 0, 1, 2, 0], [0, 1, 2]]
+    assert generated.truncated == [True, True]
+    # The model's context caps the budget as well.
+    model.config.max_position_embeddings = len(rows[0]) + 4
+    capped = generate_codes(model, tok, rows[:1], 100, GREEDY)
+    assert len(capped.codes[0]) == 4 and capped.truncated == [True]
+    model.config.max_position_embeddings = len(rows[0])
+    with pytest.raises(ValueError, match="no room"):
+        generate_codes(model, tok, rows[:1], 100, GREEDY)
+
+
+# --- voices ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    torch.manual_seed(0)
+    cfg = OmegaConf.load(ROOT / "configs" / "codec" / "tiny.yaml").model
+    return Codec(**OmegaConf.to_container(cfg)).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """0.6 s of a gliding tone at 22.05 kHz between silences: loading resamples it, preprocessing trims it."""
+    rate = 22050
+    t = np.arange(int(0.6 * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)
+    audio = np.concatenate([np.zeros(rate // 4), tone, np.zeros(rate // 4)]).astype(np.float32)
+    path = tmp_path_factory.mktemp("ref") / "ref.wav"
+    sf.write(path, audio, rate)
+    return path
+
+
+def test_voice_from_wav_saves_and_loads(codec: Codec, reference_wav: Path, tmp_path: Path) -> None:
+    voice, audio = encode_voice(codec, reference_wav, "Hello there.", "alice", speaker="a",
+                                preprocess=Preprocess())
+    assert voice.codes.dtype == np.int64 and len(voice.codes) == math.ceil(len(audio) / codec.hop_length)
+    assert 0.6 < len(audio) / codec.sample_rate < 0.9  # resampled to 16 kHz, silences trimmed to the margin
+    assert ((voice.codes >= 0) & (voice.codes < CODEBOOK)).all()
+    save_voice(voice, tmp_path, audio)
+    assert list_voices(tmp_path) == ["alice"]
+    for reference in ("alice", tmp_path / "alice"):
+        loaded = load_voice(reference, tmp_path)
+        np.testing.assert_array_equal(loaded.codes, voice.codes)
+        assert (loaded.text, loaded.speaker, loaded.frame_rate) == ("Hello there.", "a", codec.frame_rate)
+    # The saved reference re-encodes to the same codes (up to 16-bit rounding of the wav).
+    again, _ = encode_voice(codec, tmp_path / "alice" / "reference.wav", "Hello there.", "alice2")
+    assert np.mean(again.codes == voice.codes) > 0.9
+    with pytest.raises(FileNotFoundError, match="voices in .*: alice"):
+        load_voice("bob", tmp_path)
+    with pytest.raises(ValueError, match="bad voice name"):
+        save_voice(Voice("../x", "t", voice.codes, CODEBOOK, 100.0, 16000), tmp_path)
+    other = Codec(**{**codec.config, "levels": [4, 4, 2]})
+    with pytest.raises(ValueError, match="rebuild the voice"):
+        loaded.check_codec(other)
+
+
+# --- synth.py ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tok: SpeechTokenizer, random_lm: LlamaForCausalLM,
+                codec: Codec) -> Path:
+    """A SpeechLM save_pretrained folder (model + tokenizer) and a codec.pt as the codec stage writes it."""
+    root = tmp_path_factory.mktemp("synth")
+    random_lm.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    torch.save({"config": codec.config, "state_dict": codec.state_dict()}, root / "codec.pt")
+    return root
+
+
+def synth_overrides(root: Path, reference_wav: Path, **extra: str) -> list[str]:
+    # A short guard keeps the decode to ~40 frames; top_k 10 keeps [speech_end] (logit 0, a median code's)
+    # out of reach, so the length guard is what ends it.
+    settings = {"text": "Hello, world: it's 5 o'clock.", "speechlm": root / "hf", "codec": root / "codec.pt",
+                "sampling.top_k": 10, "voice": reference_wav, "voice_text": "The quick brown fox.",
+                "voices_dir": root / "voices", "device": "cpu", "length.base_seconds": 0.1,
+                "length.seconds_per_text_token": 0.02, **extra}
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def test_synthesize_stream_equals_offline(checkpoints: Path, reference_wav: Path) -> None:
+    def run(stream: str) -> synth.Synthesis:
+        overrides = synth_overrides(checkpoints, reference_wav, stream=stream)
+        return synth.synthesize(synth.compose_config(overrides))
+
+    offline, streamed = run("false"), run("true")
+    assert len(offline.codes) == offline.max_frames > 10 and offline.truncated
+    assert torch.equal(streamed.codes, offline.codes)
+    assert len(streamed.audio) == len(offline.audio) == len(offline.codes) * 160
+    np.testing.assert_allclose(streamed.audio, offline.audio, atol=1e-5)
+    assert streamed.first_audio_seconds is not None and offline.first_audio_seconds is None
+
+
+def test_synthesize_errors(checkpoints: Path, reference_wav: Path, tmp_path: Path) -> None:
+    def run(**extra: str) -> None:
+        synth.synthesize(synth.compose_config(synth_overrides(checkpoints, reference_wav, **extra)))
+
+    with pytest.raises(synth.SynthError, match="text is empty"):
+        run(text="  ")
+    with pytest.raises(synth.SynthError, match="no SpeechLM at"):
+        run(speechlm=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no codec at"):
+        run(codec=str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="no voice 'nobody'"):
+        run(voice="nobody", voice_text="")
+    with pytest.raises(synth.SynthError, match="pass voice_text"):
+        run(voice_text="")
+
+
+def test_quote_free_text_keeps_sentences_verbatim() -> None:
+    text = "It's 5:30, isn't it? [yes] {no} ${x} a\\b end\\"
+    cfg = synth.compose_config([f"text={text}", "voice_text='already quoted, kept'"])
+    assert cfg.text == text and cfg.voice_text == "already quoted, kept"
+
+
+def test_synth_cli_writes_the_same_wav_streamed_or_not(checkpoints: Path, reference_wav: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """One real `python synth.py` process (streaming, saving the voice), then main's body in-process on the
+    composed config (a second interpreter start would cost ~10 s on 2 busy cores) for the offline decode."""
+    monkeypatch.chdir(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "synth.py"),
+         *synth_overrides(checkpoints, reference_wav, stream="true", out="streamed.wav", save_voice="ref")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "saved voice 'ref'" in result.stdout and "real-time factor" in result.stdout
+    assert "length guard: cut off" in result.stdout
+
+    def main(*overrides: str) -> None:
+        synth.main.__wrapped__(synth.compose_config(list(overrides)))  # what @hydra.main calls
+
+    # The saved voice by name, offline decode: the same codes, so the same samples.
+    main(*synth_overrides(checkpoints, reference_wav, stream="false", out="offline.wav", voice="ref",
+                          voice_text=""))
+    assert "wrote offline.wav" in capsys.readouterr().out
+    streamed, rate = sf.read(tmp_path / "streamed.wav", dtype="int16")
+    offline, _ = sf.read(tmp_path / "offline.wav", dtype="int16")
+    assert rate == 16000 and len(streamed) > 0 and np.abs(streamed).max() > 0
+    assert len(streamed) == len(offline)
+    assert np.abs(streamed.astype(np.int32) - offline).max() <= 1  # 16-bit rounding of equal floats
+    assert not list(tmp_path.glob("*.log")) and not (tmp_path / "outputs").exists()  # no Hydra litter
+
+    with pytest.raises(SystemExit) as exit_info:
+        main("text=Hi.", f"speechlm={tmp_path}/none", f"codec={checkpoints / 'codec.pt'}")
+    assert exit_info.value.code == 2
+    assert "error: no SpeechLM at" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""The SpeechLM stages end to end through the real command line on the tiny corpus: codec -> tokenize ->
+pretrain -> sft (full and LoRA). Checks the run folders, that hf/ loads as a stock Hugging Face model with
+its tokenizer, that training lowers the loss, that a re-run resumes from the last step, and that LoRA is
+merged into a plain model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from voxlm.data.shards import CodeShards
+from voxlm.speechlm.module import SpeechLMModule
+from voxlm.speechlm.sequences import pad_collate
+from voxlm.speechlm.stage import val_rows
+from voxlm.speechlm.tokenizer import SpeechTokenizer
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs/ tree of its own (the codec/tokenize tests move `latest` pointers in theirs), reading the
+    shared tiny corpus."""
+    return tmp_path_factory.mktemp("speechlm-stages")
+
+
+def train(workspace: Path, tiny_corpus: Path, stage: str, *overrides: str) -> str:
+    """`python train.py stage=<stage> experiment=tiny ...` in the workspace; its output."""
+    args = [f"stage={stage}", "experiment=tiny", f"paths.root_dir={workspace}",
+            f"paths.data_dir={tiny_corpus.parent}", *overrides]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, f"train.py {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def shards(workspace: Path, tiny_corpus: Path) -> Path:
+    train(workspace, tiny_corpus, "codec", "codec.train.max_steps=2", "codec.train.val_check_interval=2")
+    train(workspace, tiny_corpus, "tokenize", "stage.splits=[train,val]")
+    return workspace / "runs/tokenize/tiny/shards"
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
+    train(workspace, tiny_corpus, "pretrain", "run_name=slm", f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}",
+          "speechlm.pretrain.val_check_interval=3")
+    return workspace / "runs/pretrain/slm"
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def val_loss(model: LlamaForCausalLM, tok: SpeechTokenizer, shards: Path) -> float:
+    """Mean TTS loss over the val split's first packed rows: a fixed batch, for any model."""
+    rows = val_rows(CodeShards(shards / "val"), tok, seq_len=256)[:4]
+    batch = pad_collate([{k: v.numpy() for k, v in row.items()} for row in rows], tok.pad_id)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+
+
+def test_pretrain_writes_a_hugging_face_model_and_tokenizer(pretrain_run: Path, shards: Path) -> None:
+    for name in ("config.yaml", "checkpoints/last.ckpt", "tokenizer/speech_layout.json", "hf/config.json",
+                 "hf/model.safetensors", "hf/speech_layout.json", "hf/tokenizer.json"):
+        assert (pretrain_run / name).exists(), name
+    assert (pretrain_run.parent / "latest").resolve() == pretrain_run.resolve()
+    m = metrics(pretrain_run)
+    assert m["steps"] == m["global_step"] == PRETRAIN_STEPS
+    assert m["tokens_seen"] == PRETRAIN_STEPS * 2 * 256  # batch_size packed rows of seq_len, no padding
+    assert m["tokens_per_s"] > 0 and math.isfinite(m["val/loss"])
+    assert m["val/ppl"] == pytest.approx(math.exp(m["val/loss"]), rel=1e-4)
+
+    model = AutoModelForCausalLM.from_pretrained(pretrain_run / "hf", local_files_only=True)
+    assert isinstance(model, LlamaForCausalLM) and model.config.hidden_size == 64
+    tok = SpeechTokenizer.from_pretrained(pretrain_run / "hf", codebook_size=64)
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == tok.eos_id
+    utterance = CodeShards(shards / "train")[0]
+    assert tok.decode_text(tok.encode_text(utterance.text)) == utterance.text
+    code_ids = tok.code_to_token(np.asarray(utterance.codes))
+    np.testing.assert_array_equal(tok.token_to_code(code_ids), utterance.codes)
+    plain = AutoTokenizer.from_pretrained(pretrain_run / "hf", local_files_only=True)  # no voxlm needed
+    assert plain.convert_ids_to_tokens(int(code_ids[0])) == f"<|c_{int(utterance.codes[0])}|>"
+
+
+def test_pretraining_lowers_the_loss(pretrain_run: Path, shards: Path) -> None:
+    m = metrics(pretrain_run)
+    assert m["train/loss"] < m["train_loss_first"] - 0.3
+    tok = SpeechTokenizer.from_pretrained(pretrain_run / "hf")
+    trained = AutoModelForCausalLM.from_pretrained(pretrain_run / "hf", local_files_only=True)
+    torch.manual_seed(0)
+    untrained = LlamaForCausalLM(LlamaConfig.from_pretrained(pretrain_run / "hf"))
+    assert val_loss(trained, tok, shards) < val_loss(untrained, tok, shards) - 0.3
+
+
+def test_pretrain_resumes_from_its_last_step(workspace: Path, tiny_corpus: Path, pretrain_run: Path) -> None:
+    before = metrics(pretrain_run)
+    tokenizer_mtime = (pretrain_run / "tokenizer/tokenizer.json").stat().st_mtime_ns
+    hf_mtime = (pretrain_run / "hf/model.safetensors").stat().st_mtime_ns
+    # One row per step from here on: a run that restarted from step 0 would count 8 x 256 tokens.
+    output = train(workspace, tiny_corpus, "pretrain", "run_name=slm", "speechlm.pretrain.max_steps=8",
+                   "speechlm.pretrain.val_check_interval=3", "speechlm.pretrain.batch_size=1")
+    assert "resuming from" in output
+    after = metrics(pretrain_run)
+    assert after["global_step"] == after["steps"] == 8
+    assert after["tokens_seen"] == before["tokens_seen"] + 2 * 256  # steps 7 and 8 only, on 1 row each
+    assert (pretrain_run / "hf/model.safetensors").stat().st_mtime_ns != hf_mtime  # hf/ is the new state
+    assert (pretrain_run / "tokenizer/tokenizer.json").stat().st_mtime_ns == tokenizer_mtime  # re-used
+    ckpt = torch.load(pretrain_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 8 and ckpt["hyper_parameters"]["max_steps"] == 8
+
+
+@pytest.fixture(scope="module")
+def sft_runs(workspace: Path, tiny_corpus: Path, pretrain_run: Path) -> dict[str, Path]:
+    train(workspace, tiny_corpus, "sft", "run_name=full", "stage.pretrain_run=slm")
+    train(workspace, tiny_corpus, "sft", "run_name=lora", "stage.pretrain_run=slm",
+          "speechlm.lora.enabled=true")
+    return {"full": workspace / "runs/sft/full", "lora": workspace / "runs/sft/lora"}
+
+
+def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain_run: Path) -> None:
+    run = sft_runs["full"]
+    m = metrics(run)
+    assert m["steps"] == 4 and m["pretrain_run"] == str(pretrain_run.resolve()) and not m["lora"]
+    assert m["tokenize_run"] == metrics(pretrain_run)["tokenize_run"]  # the shards pretraining used
+    assert math.isfinite(m["val/loss"]) and m["tokens_per_s"] > 0
+    base = load_file(pretrain_run / "hf/model.safetensors")
+    tuned = load_file(run / "hf/model.safetensors")
+    assert base.keys() == tuned.keys()
+    assert all(not torch.equal(base[k], tuned[k]) for k in base if "proj" in k)  # every weight trained
+    assert (run / "hf/speech_layout.json").read_text() == (pretrain_run / "hf/speech_layout.json").read_text()
+
+
+def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain_run: Path,
+                                             shards: Path) -> None:
+    run = sft_runs["lora"]
+    m = metrics(run)
+    assert m["lora"] and m["trainable_parameters"] < m["parameters"] / 5
+    assert not (run / "hf/adapter_config.json").exists()
+    base = load_file(pretrain_run / "hf/model.safetensors")
+    merged = load_file(run / "hf/model.safetensors")
+    assert merged.keys() == base.keys()  # no lora_A/lora_B, no PEFT prefixes
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # the adapters went in
+    # The merged plain model computes what the trained adapters do.
+    model = AutoModelForCausalLM.from_pretrained(run / "hf", local_files_only=True)
+    adapted = SpeechLMModule.load_from_checkpoint(run / "checkpoints/last.ckpt", map_location="cpu").eval()
+    assert type(adapted.model).__name__ == "PeftModelForCausalLM"
+    tok = SpeechTokenizer.from_pretrained(run / "hf")
+    assert val_loss(model, tok, shards) == pytest.approx(val_loss(adapted.model, tok, shards), abs=1e-4)
