@@ -14,7 +14,7 @@ lint: setup
 	.venv/bin/ruff check .
 
 corpus: setup
-	$(PY) scripts/build_corpus.py experiment=$(EXPERIMENT)
+	$(PY) scripts/build_corpus.py corpus=$(EXPERIMENT)
 
 demo: setup
 	bash scripts/demo.sh $(EXPERIMENT)
