@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline at one scale (quickstart by default) on this machine's CPUs.
-# Every step resumes or skips what a previous demo run already finished.
+# Every step resumes or skips what a previous demo run already finished (same run names, same corpus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXPERIMENT=${1:-quickstart}
 PY=.venv/bin/python
-step() { printf '\n=== %s\n' "$*"; }
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%H:%M:%S)"; }
 
-step "corpus ($EXPERIMENT)"
+step "corpus: corpus=$EXPERIMENT"
 $PY scripts/build_corpus.py corpus="$EXPERIMENT"
 
 for stage in codec tokenize; do
-  step "stage=$stage"
+  step "python train.py stage=$stage experiment=$EXPERIMENT"
   $PY train.py stage=$stage experiment="$EXPERIMENT"
 done
 
-step "codec evaluation"
+step "codec evaluation -> runs/codec/$EXPERIMENT/eval/"
 $PY scripts/eval_codec.py experiment="$EXPERIMENT"
 
-step "done: runs/ holds every stage's run folder; docs/benchmarks.md explains the numbers"
+for stage in pretrain sft; do
+  step "python train.py stage=$stage experiment=$EXPERIMENT"
+  $PY train.py stage=$stage experiment="$EXPERIMENT"
+done
+
+step "a sample: runs/sft/$EXPERIMENT/demo.wav"
+$PY synth.py text="The quick brown fox jumps over the lazy dog." \
+  speechlm="runs/sft/$EXPERIMENT/hf" codec="runs/codec/$EXPERIMENT" out="runs/sft/$EXPERIMENT/demo.wav"
+
+step "done: runs/<stage>/$EXPERIMENT/ holds each stage's run folder; docs/benchmarks.md explains the numbers"

@@ -25,7 +25,7 @@ from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
 from voxlm.eval.asr import WhisperJudge
 from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
-from voxlm.eval.report import plot_mel_pairs, write_json, write_markdown_table
+from voxlm.eval.report import markdown_table, plot_mel_pairs, write_json, write_markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Clip:
     id: str
     audio: np.ndarray
     text: str
+    speaker: str
 
 
 def librivox_clips(sample_rate: int) -> list[Clip]:
@@ -52,7 +53,7 @@ def librivox_clips(sample_rate: int) -> list[Clip]:
     clips = []
     for path in sorted(LIBRIVOX_DIR.glob("*.wav")):
         audio, _ = load_audio(path, sample_rate)
-        clips.append(Clip(path.stem, audio, transcripts.get(path.stem, "")))
+        clips.append(Clip(path.stem, audio, transcripts.get(path.stem, ""), "librivox"))
     return clips
 
 
@@ -63,7 +64,7 @@ def split_clips(data_cfg: DictConfig, split: str, sample_rate: int, limit: int) 
     for i in range(len(dataset)):
         utterance = dataset[i]
         if utterance is not None:
-            clips.append(Clip(utterance.id, utterance.audio, utterance.text))
+            clips.append(Clip(utterance.id, utterance.audio, utterance.text, utterance.speaker))
         if len(clips) == limit:
             break
     return clips
@@ -120,8 +121,19 @@ def evaluate_condition(codec: Codec, clips: list[Clip], judge: WhisperJudge, chu
         encode_seconds += out["encode_seconds"]
         decode_seconds += out["decode_seconds"]
     texts = [clip.text for clip in clips]
-    wer_original = judge.wer(texts, judge.transcribe(originals, sample_rate))
-    wer_resynth = judge.wer(texts, judge.transcribe(reconstructions, sample_rate))
+    heard_original = judge.transcribe(originals, sample_rate)
+    heard_resynth = judge.transcribe(reconstructions, sample_rate)
+    wer_original = judge.wer(texts, heard_original)
+    wer_resynth = judge.wer(texts, heard_resynth)
+    # Per speaker: a ratio over a pool dominated by voices Whisper already misreads says little on its own.
+    wer_by_speaker = {}
+    for speaker in sorted({clip.speaker for clip in clips}):
+        members = [i for i, clip in enumerate(clips) if clip.speaker == speaker]
+        wer_by_speaker[speaker] = {
+            "n": len(members),
+            "wer_original": judge.wer([texts[i] for i in members], [heard_original[i] for i in members]),
+            "wer_resynth": judge.wer([texts[i] for i in members], [heard_resynth[i] for i in members]),
+        }
     usage = codebook_usage(np.concatenate(all_codes), codec.codebook_size)
     summary = {name: float(np.nanmean([row[name] for row in rows])) for name in rows[0]}
     summary["stream_snr_db_min"] = float(np.min([row["stream_snr_db"] for row in rows]))
@@ -132,7 +144,8 @@ def evaluate_condition(codec: Codec, clips: list[Clip], judge: WhisperJudge, chu
         "encode_x_real_time": audio_seconds / encode_seconds,
         "decode_x_real_time": audio_seconds / decode_seconds,
     })
-    return {"summary": summary, "examples": (originals[:3], reconstructions[:3], [c.id for c in clips[:3]])}
+    return {"summary": summary, "wer_by_speaker": wer_by_speaker,
+            "examples": (originals[:3], reconstructions[:3], [c.id for c in clips[:3]])}
 
 
 def evaluate_codec(codec_dir: Path, data_cfg: DictConfig, out_dir: Path, splits: list[str], limit: int,
@@ -143,11 +156,12 @@ def evaluate_codec(codec_dir: Path, data_cfg: DictConfig, out_dir: Path, splits:
     conditions = {split: split_clips(data_cfg, split, codec.sample_rate, limit) for split in splits}
     if include_librivox and LIBRIVOX_DIR.is_dir():
         conditions["librivox"] = librivox_clips(codec.sample_rate)
-    results, figure_rows = {}, []
+    results, by_speaker, figure_rows = {}, {}, []
     for name, clips in conditions.items():
         log.info("evaluating %s (%d clips)", name, len(clips))
         evaluated = evaluate_condition(codec, clips, judge, chunk_frames)
         results[name] = evaluated["summary"]
+        by_speaker[name] = evaluated["wer_by_speaker"]
         originals, reconstructions, ids = evaluated["examples"]
         figure_rows += [(f"{name}/{clip_id}", original, reconstruction) for clip_id, original, reconstruction
                         in zip(ids[:2], originals, reconstructions, strict=False)]
@@ -155,12 +169,16 @@ def evaluate_codec(codec_dir: Path, data_cfg: DictConfig, out_dir: Path, splits:
         "codec_run": str(codec_dir), "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate,
         "codebook_size": codec.codebook_size,
         "bitrate_bps": codec.frame_rate * math.log2(codec.codebook_size),
-        "stream_chunk_frames": list(chunk_frames), "conditions": results,
+        "stream_chunk_frames": list(chunk_frames), "conditions": results, "wer_by_speaker": by_speaker,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(report, out_dir / "codec_eval.json")
     write_markdown_table(results, out_dir / "codec_eval.md",
                          title=f"Codec evaluation: {codec_dir} ({report['bitrate_bps']:.0f} bps)")
+    speaker_rows = {f"{name}/{speaker}": row for name, speakers in by_speaker.items()
+                    for speaker, row in speakers.items()}
+    with open(out_dir / "codec_eval.md", "a") as f:
+        f.write("\n## Whisper tiny.en WER by speaker\n\n" + markdown_table(speaker_rows) + "\n")
     plot_mel_pairs(figure_rows, codec.sample_rate, out_dir / "codec_mels.png")
     log.info("codec evaluation written to %s:\n%s", out_dir, json.dumps(results, indent=1))
     return report
