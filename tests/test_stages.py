@@ -117,3 +117,12 @@ def test_eval_codec_report(workspace: Path, codec_run: Path) -> None:
     assert report["bitrate_bps"] == pytest.approx(100 * math.log2(64))
     assert (codec_run / "eval/codec_eval.md").read_text().count("|") > 10
     assert (codec_run / "eval/codec_mels.png").stat().st_size > 10_000
+
+
+def test_default_wandb_logger_runs_offline(workspace: Path, tiny_corpus: Path) -> None:
+    """The default logger: W&B in offline mode, no account or network, media logged into the run folder."""
+    run_cli("train.py", "stage=codec", "experiment=tiny", "logger=wandb", "run_name=wandb",
+            f"paths.root_dir={workspace}", "codec.train.max_steps=2", "codec.train.val_check_interval=2")
+    offline_runs = list((workspace / "runs/codec/wandb/wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list((offline_runs[0] / "files" / "media").rglob("*.wav")), "validation audio reaches W&B"
