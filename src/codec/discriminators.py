@@ -34,13 +34,18 @@ class PeriodDiscriminator(nn.Module):
     def forward(self, audio: Tensor) -> Output:
         x = F.pad(audio, (0, -audio.shape[-1] % self.period), mode="reflect")
         x = x.reshape(x.shape[0], 1, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LEAKY_SLOPE)
-            features.append(x)
-        x = self.post(x)
+        return conv_stack(self.convs, self.post, x)
+
+
+def conv_stack(convs: nn.ModuleList, post: nn.Module, x: Tensor) -> Output:
+    """Leaky-ReLU conv layers then a 1-channel output conv; every activation is kept for feature matching."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LEAKY_SLOPE)
         features.append(x)
-        return x.flatten(1), features
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
 
 
 class STFTDiscriminator(nn.Module):
@@ -64,13 +69,7 @@ class STFTDiscriminator(nn.Module):
         spec = torch.stft(audio, self.n_fft, self.n_fft // 4, window=self.window, normalized=True,
                           return_complex=True)
         x = torch.view_as_real(spec).permute(0, 3, 2, 1)  # [B, 2, frames, bins]
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LEAKY_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return conv_stack(self.convs, self.post, x)
 
 
 class Discriminators(nn.Module):
