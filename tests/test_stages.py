@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import load_from_disk
 
 from voxlm.codec.module import load_codec
@@ -81,6 +82,20 @@ def test_tokenize_writes_shards_matching_the_corpus(workspace: Path, codec_run: 
     before = (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns
     run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
     assert (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns == before
+    # a changed codec makes those shards stale: the next run re-encodes them
+    saved = torch.load(codec_run / "codec.pt", weights_only=True)
+    original = {k: v.clone() for k, v in saved["state_dict"].items()}
+    saved["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in original.items()}
+    torch.save(saved, codec_run / "codec.pt")
+    try:
+        run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
+        perturbed = (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns
+        assert perturbed != before
+    finally:
+        saved["state_dict"] = original
+        torch.save(saved, codec_run / "codec.pt")
+    run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")  # codec restored
+    assert (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns != perturbed
 
 
 def test_codec_encoding_matches_offline_tokenization(workspace: Path, codec_run: Path) -> None:

@@ -2,18 +2,21 @@
 
 Reads: the codec run named by cfg.stage.codec_run ('latest' by default) and cfg.data.
 Writes: <run folder>/shards/<split>/ (see voxlm.data.shards); the SpeechLM stages read only these.
-A split whose shards are complete is skipped, so an interrupted run resumes where it stopped.
+A split whose shards are complete and were made from the same data and codec is skipped, so an interrupted
+run resumes where it stopped; a changed corpus or codec is re-encoded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from voxlm.codec.module import load_codec
@@ -28,6 +31,36 @@ def duration_batches(durations: list[float], batch_size: int) -> list[list[int]]
     """Indices in batches of similar duration, so little compute goes into padding."""
     order = sorted(range(len(durations)), key=lambda i: durations[i])
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data_cfg: DictConfig, max_files: int = 10_000) -> str:
+    """What the shards were made from: the resolved data config plus the size and mtime of the files under
+    its path (a corpus rebuilt in place, or an edited manifest, changes it)."""
+    digest = hashlib.sha256(json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True,
+                                       default=str).encode())
+    root = Path(str(data_cfg.path))
+    files = sorted(p for p in root.rglob("*") if p.is_file())[:max_files] if root.is_dir() else [root]
+    for path in files:
+        if path.exists():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}:{stat.st_size}:"
+                          f"{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def made_from(split_dir: Path, source: dict) -> bool:
+    """True when the split's complete shards were written from exactly this source."""
+    if not is_complete(split_dir):
+        return False
+    return json.loads((split_dir / "meta.json").read_text()).get("source") == source
 
 
 @torch.inference_mode()
@@ -55,17 +88,21 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     codec = load_codec(codec_dir)
     meta = {"codec_run": str(codec_dir), "codebook_size": codec.codebook_size,
             "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate, "hop_length": codec.hop_length}
+    source = {"data": data_fingerprint(cfg.data), "codec": file_digest(codec_dir / "codec.pt")}
     summary = {}
     for split in stage.splits:
         split_dir = Path(run_dir) / "shards" / split
-        if is_complete(split_dir):
-            log.info("split %s already tokenized in %s: skipped", split, split_dir)
+        if made_from(split_dir, source):
+            log.info("split %s already tokenized from this data and codec in %s: skipped", split, split_dir)
             continue
+        if is_complete(split_dir):
+            log.info("split %s: the data or the codec changed since it was tokenized: re-encoding", split)
         started = time.perf_counter()
         dataset = build_dataset(cfg.data, split, sample_rate=codec.sample_rate)
         writer = ShardWriter(split_dir, max_codes_per_shard=int(stage.max_codes_per_shard))
         tokenize_split(codec, dataset, writer, int(stage.batch_size), desc=f"tokenize {split}")
-        written = writer.close({**meta, "split": split, "skipped": dataset.skipped.summary()})
+        written = writer.close({**meta, "source": source, "split": split,
+                                "skipped": dataset.skipped.summary()})
         seconds = time.perf_counter() - started
         audio_seconds = written["num_codes"] / codec.frame_rate
         summary[split] = {"utterances": written["num_utterances"], "codes": written["num_codes"],
