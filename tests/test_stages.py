@@ -108,10 +108,8 @@ def test_codec_encoding_matches_offline_tokenization(workspace: Path, codec_run:
         cfg = compose("train", overrides=["stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}"])
     codec = load_codec(codec_run)
     dataset = build_dataset(cfg.data, "val", sample_rate=codec.sample_rate)
-    shards = {shards_item.id: shards_item for shards_item in
-              (CodeShards(workspace / "runs/tokenize/tiny/shards/val")[i] for i in range(len(dataset)))}
-    import torch
-
+    val_shards = CodeShards(workspace / "runs/tokenize/tiny/shards/val")
+    shards = {item.id: item for item in (val_shards[i] for i in range(len(val_shards)))}
     utterance = dataset[0]
     codes = codec.encode(torch.from_numpy(utterance.audio)[None])[0].numpy()
     np.testing.assert_array_equal(shards[utterance.id].codes, codes[: len(shards[utterance.id].codes)])

@@ -76,15 +76,6 @@ def feature_matching_loss(real_features: list[list[Tensor]], fake_features: list
 
 
 @torch.no_grad()
-def codebook_usage(codes: Tensor, codebook_size: int) -> dict[str, float]:
-    """Share of the codebook used by a batch of codes, and the perplexity of their histogram (the number
-    of equally likely codes with the same entropy: codebook_size at best, 1 when collapsed)."""
-    counts = torch.bincount(codes.flatten(), minlength=codebook_size).double()
-    probs = counts / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item()}
-
-
 class CTCHead(nn.Module):
     """Predicts the transcript's characters from quantized latents, trained with CTC (blank = index 0).
 

@@ -27,12 +27,12 @@ from voxlm.codec.discriminators import Discriminators
 from voxlm.codec.losses import (
     CTCHead,
     MultiScaleMelLoss,
-    codebook_usage,
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
 )
 from voxlm.codec.model import Codec, CodecOutput
+from voxlm.eval.audio_metrics import codebook_usage
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, schedule: str) -> float:
@@ -158,8 +158,8 @@ class CodecModule(L.LightningModule):
         logs |= {"train/loss_g": loss_g.detach(), "train/lr": lr,
                  "train/nonfinite_steps": float(self.nonfinite_steps)}
         if g_ok:  # codes of a non-finite batch are garbage
-            usage = codebook_usage(out.codes, self.codec.codebook_size)
-            logs |= {"train/codebook_usage": usage["usage"], "train/perplexity": usage["perplexity"]}
+            usage = codebook_usage(out.codes.cpu().numpy(), self.codec.codebook_size)
+            logs |= {"train/codebook_usage": usage["share_used"], "train/perplexity": usage["perplexity"]}
         self.log("train/mel", logs.pop("train/mel"), prog_bar=True, batch_size=len(audio))
         self.log_dict(logs, batch_size=len(audio))
 
@@ -247,12 +247,12 @@ class CodecModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.val_codes:
             return
-        usage = codebook_usage(torch.cat(self.val_codes), self.codec.codebook_size)
+        usage = codebook_usage(torch.cat(self.val_codes).numpy(), self.codec.codebook_size)
         self.val_codes.clear()
-        self.log_dict({"val/codebook_usage": usage["usage"], "val/perplexity": usage["perplexity"]})
+        self.log_dict({"val/codebook_usage": usage["share_used"], "val/perplexity": usage["perplexity"]})
         mel = self.trainer.callback_metrics.get("val/mel_loss")
         self.last_val = {"val_mel_loss": float(mel) if mel is not None else float("nan"),
-                         "codebook_usage": usage["usage"], "codebook_perplexity": usage["perplexity"]}
+                         "codebook_usage": usage["share_used"], "codebook_perplexity": usage["perplexity"]}
 
     def write_samples(self, audio: Tensor, reconstruction: Tensor, lengths: Tensor) -> None:
         """Original and reconstructed audio plus a mel comparison image for the first few items, into
