@@ -28,7 +28,6 @@ import torch
 from hydra import compose, initialize
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from voxlm.codec.model import Codec
 from voxlm.codec.module import load_codec
@@ -36,8 +35,8 @@ from voxlm.data.audio import save_audio
 from voxlm.data.dataset import Preprocess
 from voxlm.data.text import normalize_text
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes, stream_codes
+from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.sequences import tts_prompt
-from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.speechlm.voices import Voice, encode_voice, load_voice, save_voice
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "synth.yaml"
@@ -93,27 +92,6 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-def speechlm_folder(path: str | Path) -> Path:
-    """The save_pretrained folder: the path itself, or a run folder's hf/."""
-    path = Path(path)
-    if (path / "hf").is_dir():
-        path = path / "hf"
-    if not (path / "config.json").is_file():
-        raise SynthError(f"no SpeechLM at {path} (no config.json): train one with "
-                         "`python train.py stage=sft` or pass speechlm=path/to/run/hf")
-    return path
-
-
-def load_speechlm(path: str | Path, codebook_size: int, device: str,
-                  dtype: str) -> tuple[PreTrainedModel, SpeechTokenizer]:
-    """(model in eval mode, its SpeechTokenizer) from a save_pretrained folder, checked against the codec."""
-    folder = speechlm_folder(path)
-    tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
-                                                 dtype=getattr(torch, dtype))
-    return model.to(device).eval(), tok
 
 
 def resolve_voice(cfg: DictConfig, codec: Codec) -> Voice | None:

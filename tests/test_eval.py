@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from hydra import compose, initialize_config_dir
 
 from voxlm.eval.asr import WhisperJudge, corpus_wer, utterance_wer, utterance_wers
 from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
@@ -24,8 +25,10 @@ from voxlm.eval.report import (
     write_markdown_table,
 )
 from voxlm.eval.speaker import SpeakerJudge
+from voxlm.eval.tts_eval import build_cases, dnsmos_scores, speaker_similarities
 from voxlm.eval.vad import SileroVad
 
+ROOT = Path(__file__).resolve().parents[1]
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 SENTENCE_A = "The little boat drifted slowly across the quiet lake at sunset."
 SENTENCE_B = "Please remember to close the kitchen window before you leave for work."
@@ -239,3 +242,34 @@ def test_bootstrap_ci() -> None:
     assert 0.1 < high - low < 0.5  # ~ 2 * 1.96 / sqrt(200) = 0.28
     assert bootstrap_ci(values) == (mean, low, high)  # seeded
     assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+# ---- TTS evaluation ----
+
+def test_tts_eval_prompts_each_sentence_with_another_recording_of_its_speaker(tiny_corpus: Path) -> None:
+    from voxlm.data.dataset import build_dataset
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        data_cfg = compose("train", overrides=["stage=sft", "experiment=tiny",
+                                               f"paths.data_dir={tiny_corpus.parent}"]).data
+    for split, reference_split in (("test_seen", "train"), ("test_unseen", "test_unseen")):
+        cases = build_cases(data_cfg, split, reference_split, 16000, limit=50, max_prompt_seconds=30.0)
+        references = build_dataset(data_cfg, reference_split, sample_rate=16000)
+        speaker_of = dict(zip(references.ids, references.speakers, strict=True))
+        assert cases and len({case.speaker for case in cases}) > 1
+        for case in cases:
+            assert speaker_of[case.reference_id] == case.speaker and case.reference_id != case.id
+            assert len(case.audio) and len(case.reference_audio) and case.reference_text
+        again = build_cases(data_cfg, split, reference_split, 16000, limit=50, max_prompt_seconds=30.0)
+        assert [c.reference_id for c in again] == [c.reference_id for c in cases]  # fixed for a seed
+    with pytest.raises(ValueError, match="max_prompt_seconds"):
+        build_cases(data_cfg, "test_unseen", "test_unseen", 16000, limit=5, max_prompt_seconds=0.01)
+
+
+def test_an_empty_synthesis_gets_the_floor_scores(speaker_judge: SpeakerJudge, dnsmos: DnsmosJudge,
+                                                   speech: dict) -> None:
+    (audio, sr), (other, _) = speech["rms_a"], speech["rms_b"]
+    similarity = speaker_similarities(speaker_judge, [audio, np.zeros(0, np.float32)], [other, other], sr)
+    assert similarity[0] > 0.75 and similarity[1] == 0.0
+    clean, empty = dnsmos_scores(dnsmos, [audio, np.zeros(10, np.float32)], sr)
+    assert clean["ovrl"] > 2.0 and empty == {"ovrl": 1.0, "sig": 1.0, "bak": 1.0, "p808": 1.0}

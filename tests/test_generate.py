@@ -353,7 +353,7 @@ def test_synthesize_errors(checkpoints: Path, reference_wav: Path, tmp_path: Pat
 
     with pytest.raises(synth.SynthError, match="text is empty"):
         run(text="  ")
-    with pytest.raises(synth.SynthError, match="no SpeechLM at"):
+    with pytest.raises(FileNotFoundError, match="no SpeechLM at"):
         run(speechlm=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="no codec at"):
         run(codec=str(tmp_path / "missing.pt"))

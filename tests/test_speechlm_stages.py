@@ -160,3 +160,28 @@ def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain
     assert type(adapted.model).__name__ == "PeftModelForCausalLM"
     tok = SpeechTokenizer.from_pretrained(run / "hf")
     assert val_loss(model, tok, shards) == pytest.approx(val_loss(adapted.model, tok, shards), abs=1e-4)
+
+
+def test_eval_tts_report(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> None:
+    """scripts/eval_tts.py end to end on the tiny SFT model: every judge runs on the real splits, the
+    ground truth scores as real speech, and the report, table and samples are written."""
+    out = workspace / "tts-eval"
+    args = ["experiment=tiny", f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
+            f"eval.speechlm_run={sft_runs['full']}", "eval.max_utterances=3", "eval.batch_size=2",
+            "eval.num_samples=1", "eval.length.base_seconds=1.0", "eval.length.seconds_per_text_token=0.1",
+            f"eval.out={out}"]
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/eval_tts.py"), *args], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "tts_eval.json").read_text())
+    assert set(report["conditions"]) == {"test_seen", "test_unseen"}
+    for name, rows in report["conditions"].items():
+        assert set(rows) == {"synth", "ground_truth", "codec_resynth"}
+        assert rows["synth"]["n"] == len(report["records"][name]) > 0
+        assert rows["ground_truth"]["wer"] < 0.6  # Whisper reads the synthesizers' own recordings
+        assert rows["ground_truth"]["speaker_sim"] > 0.7  # the reference is the same speaker
+        assert rows["synth"]["rtf"] > 0 and 0 <= rows["synth"]["truncated_share"] <= 1
+        low, high = report["intervals"][name]["speaker_sim"][1:]
+        assert low <= rows["synth"]["speaker_sim"] <= high
+    assert "| test_seen/synth |" in (out / "tts_eval.md").read_text()
+    assert len(list((out / "samples").rglob("*.wav"))) == 6  # 1 sample x 3 wavs x 2 conditions

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +123,25 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def speechlm_folder(path: str | Path) -> Path:
+    """The save_pretrained folder: the path itself, or a run folder's hf/."""
+    path = Path(path)
+    if (path / "hf").is_dir():
+        path = path / "hf"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no SpeechLM at {path} (no config.json): train one with "
+                                "`python train.py stage=sft` or pass the path of a run or its hf/ folder")
+    return path
+
+
+def load_speechlm(path: str | Path, codebook_size: int, device: str = "cpu",
+                  dtype: str = "float32") -> tuple[PreTrainedModel, SpeechTokenizer]:
+    """(model in eval mode, its SpeechTokenizer) from a save_pretrained folder or a run folder with hf/;
+    the tokenizer's code block must match the codec's `codebook_size`."""
+    folder = speechlm_folder(path)
+    tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                 dtype=getattr(torch, dtype))
+    return model.to(device).eval(), tok
