@@ -23,8 +23,14 @@ for stage in pretrain sft; do
   $PY train.py stage=$stage experiment="$EXPERIMENT"
 done
 
-step "a sample: runs/sft/$EXPERIMENT/demo.wav"
+step "TTS evaluation -> runs/sft/$EXPERIMENT/eval/"
+$PY scripts/eval_tts.py experiment="$EXPERIMENT"
+
+step "python train.py stage=rlhf algorithm=grpo experiment=$EXPERIMENT (then SFT vs GRPO -> runs/rlhf/$EXPERIMENT/eval/)"
+$PY train.py stage=rlhf algorithm=grpo experiment="$EXPERIMENT"
+
+step "a sample: runs/rlhf/$EXPERIMENT/demo.wav"
 $PY synth.py text="The quick brown fox jumps over the lazy dog." \
-  speechlm="runs/sft/$EXPERIMENT/hf" codec="runs/codec/$EXPERIMENT" out="runs/sft/$EXPERIMENT/demo.wav"
+  speechlm="runs/rlhf/$EXPERIMENT/hf" codec="runs/codec/$EXPERIMENT" out="runs/rlhf/$EXPERIMENT/demo.wav"
 
 step "done: runs/<stage>/$EXPERIMENT/ holds each stage's run folder; docs/benchmarks.md explains the numbers"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import SENTENCE_A, white_noise
 from hydra import compose, initialize_config_dir
 
 from voxlm.eval.asr import WhisperJudge, corpus_wer, utterance_wer, utterance_wers
@@ -30,54 +30,11 @@ from voxlm.eval.vad import SileroVad
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
-SENTENCE_A = "The little boat drifted slowly across the quiet lake at sunset."
-SENTENCE_B = "Please remember to close the kitchen window before you leave for work."
-
-
-def speak(path: Path, engine: str, voice: str, text: str) -> tuple[np.ndarray, int]:
-    """Synthesize `text` with flite or espeak-ng into the wav `path` and read it back."""
-    if engine == "flite":
-        command = ["flite", "-voice", voice, "-t", text, "-o", str(path)]
-    else:
-        command = ["espeak-ng", "-v", voice, "-w", str(path), text]
-    subprocess.run(command, check=True, capture_output=True)
-    audio, sample_rate = sf.read(path, dtype="float32")
-    return audio, sample_rate
-
-
-def white_noise(seconds: float, sample_rate: int, std: float = 0.1, seed: int = 0) -> np.ndarray:
-    return (std * np.random.default_rng(seed).standard_normal(int(seconds * sample_rate))).astype(np.float32)
-
-
 def add_noise(audio: np.ndarray, snr: float, seed: int = 0) -> np.ndarray:
     """The clip plus white noise at `snr` dB below the clip's power."""
     noise = np.random.default_rng(seed).standard_normal(len(audio))
     noise *= np.sqrt(np.mean(audio.astype(np.float64) ** 2) / 10 ** (snr / 10))
     return (audio + noise).astype(np.float32)
-
-
-@pytest.fixture(scope="session")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, int]]:
-    tmp = tmp_path_factory.mktemp("speech")
-    voices = {"rms_a": ("flite", "rms", SENTENCE_A), "rms_b": ("flite", "rms", SENTENCE_B),
-              "slt_b": ("flite", "slt", SENTENCE_B),
-              "espeak_a": ("espeak", "en-us", SENTENCE_A)}  # 22.05 kHz: exercises resampling
-    return {name: speak(tmp / f"{name}.wav", *voice) for name, voice in voices.items()}
-
-
-@pytest.fixture(scope="session")
-def whisper() -> WhisperJudge:
-    return WhisperJudge()
-
-
-@pytest.fixture(scope="session")
-def speaker_judge() -> SpeakerJudge:
-    return SpeakerJudge()
-
-
-@pytest.fixture(scope="session")
-def dnsmos() -> DnsmosJudge:
-    return DnsmosJudge()
 
 
 @pytest.fixture(scope="session")

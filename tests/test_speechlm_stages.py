@@ -185,3 +185,54 @@ def test_eval_tts_report(workspace: Path, tiny_corpus: Path, sft_runs: dict[str,
         assert low <= rows["synth"]["speaker_sim"] <= high
     assert "| test_seen/synth |" in (out / "tts_eval.md").read_text()
     assert len(list((out / "samples").rglob("*.wav"))) == 6  # 1 sample x 3 wavs x 2 conditions
+
+
+RLHF_TINY = ("stage.prompts.max_prompts=4", "algorithm.warmup_steps=0", "algorithm.save_steps=1",
+             "stage.sft_run=full")
+
+
+@pytest.fixture(scope="module")
+def rlhf_runs(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> dict[str, Path]:
+    grpo = ("run_name=grpo", "algorithm=grpo", "algorithm.batch_size=4", "algorithm.num_generations=2",
+            "stage.evaluate.enabled=false", *RLHF_TINY)
+    train(workspace, tiny_corpus, "rlhf", *grpo, "algorithm.max_steps=2")
+    resumed = train(workspace, tiny_corpus, "rlhf", *grpo, "algorithm.max_steps=3")
+    train(workspace, tiny_corpus, "rlhf", "run_name=dpo", "algorithm=dpo", "algorithm.max_steps=2",
+          "algorithm.batch_size=2", "algorithm.num_generations=3", "stage.evaluate.max_utterances=2",
+          *RLHF_TINY)
+    return {"grpo": workspace / "runs/rlhf/grpo", "dpo": workspace / "runs/rlhf/dpo", "resumed_log": resumed}
+
+
+def changed_weights(run: Path, sft_run: Path) -> list[str]:
+    base, tuned = load_file(sft_run / "hf/model.safetensors"), load_file(run / "hf/model.safetensors")
+    assert base.keys() == tuned.keys()
+    return [name for name in base if not torch.equal(base[name], tuned[name])]
+
+
+def test_grpo_trains_on_the_audio_rewards_and_resumes(rlhf_runs: dict, sft_runs: dict[str, Path]) -> None:
+    run = rlhf_runs["grpo"]
+    m = metrics(run)
+    assert m["algorithm"] == "grpo" and m["sft_run"] == str((sft_runs["full"] / "hf").resolve())
+    steps = [entry for entry in m["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in steps][-1] == 3
+    for component in ("intelligibility", "speaker_similarity", "dnsmos"):
+        assert all(0 <= entry[f"rewards/{component}/mean"] <= 1 for entry in steps)
+    assert m["invalid_completions"]["scored"] > 0
+    assert len(changed_weights(run, sft_runs["full"])) > 10
+    assert (run / "checkpoints/checkpoint-3").is_dir()
+    assert "resuming from" in rlhf_runs["resumed_log"] and "checkpoint-2" in rlhf_runs["resumed_log"]
+    SpeechTokenizer.from_pretrained(run / "hf")  # hf/ carries the tokenizer for synth, eval and export
+
+
+def test_dpo_ranks_sampled_candidates_and_compares_with_sft(rlhf_runs: dict,
+                                                           sft_runs: dict[str, Path]) -> None:
+    run = rlhf_runs["dpo"]
+    pairs = [json.loads(line) for line in (run / "preferences.jsonl").read_text().splitlines()]
+    assert pairs and all(p["reward_chosen"] >= p["reward_rejected"] + 0.05 for p in pairs)
+    assert all(p["prompt"].startswith("<|begin_of_text|><|text_start|>") for p in pairs)
+    assert all(p["chosen"].endswith("<|speech_end|>") for p in pairs)  # chosen is always valid speech
+    m = metrics(run)
+    assert m["algorithm"] == "dpo" and m["preference_pairs"] == len(pairs)
+    assert len(changed_weights(run, sft_runs["full"])) > 10
+    comparison = (run / "eval/comparison.md").read_text()
+    assert "| test_seen/sft |" in comparison and "| test_seen/dpo |" in comparison

@@ -77,9 +77,11 @@ class Judges:
 
 
 def build_cases(data_cfg: DictConfig, split: str, reference_split: str, sample_rate: int, limit: int,
-                max_prompt_seconds: float, seed: int = 0) -> list[Case]:
-    """The first `limit` utterances of `split` that have a reference: another utterance of the same speaker
-    in `reference_split`, at most max_prompt_seconds long, drawn by a generator seeded with (seed, index)."""
+                max_prompt_seconds: float, seed: int = 0, max_target_seconds: float = math.inf,
+                shuffle: bool = False) -> list[Case]:
+    """The first `limit` utterances of `split` (at most max_target_seconds long; in a seeded random order
+    with `shuffle`) that have a reference: another utterance of the same speaker in `reference_split`, at most
+    max_prompt_seconds long, drawn by a generator seeded with (seed, index)."""
     targets = build_dataset(data_cfg, split, sample_rate=sample_rate)
     references = targets if reference_split == split else build_dataset(data_cfg, reference_split,
                                                                        sample_rate=sample_rate)
@@ -89,10 +91,13 @@ def build_cases(data_cfg: DictConfig, split: str, reference_split: str, sample_r
         if duration <= max_prompt_seconds:
             pool[speaker].append(j)
     target_ids, target_speakers = targets.ids, targets.speakers
+    order = np.random.default_rng(seed).permutation(len(targets)) if shuffle else range(len(targets))
     cases, no_reference = [], set()
-    for i in range(len(targets)):
+    for i in map(int, order):
         if len(cases) == limit:
             break
+        if targets.durations[i] > max_target_seconds:
+            continue
         candidates = [j for j in pool.get(target_speakers[i], []) if reference_ids[j] != target_ids[i]]
         if not candidates:
             no_reference.add(target_speakers[i])
