@@ -1,0 +1,10 @@
+# voxlm_ops: Mojo custom ops for voxlm's serving path, loaded into MAX graphs by
+# voxlm.export.kernels (Graph(..., custom_extensions=[<this folder>]) + ops.custom).
+#
+#   voxlm_silence_trim  frame RMS in dBFS + trim points of the voiced region (streaming server)
+#   voxlm_code_sampler  fused code-block sampler over SpeechLM logits (decode hot path)
+#
+# Both ops run on the CPU (`target` is "cpu"); NumPy references with the same semantics live in
+# src/export/kernels.py and the parity tests in tests/test_kernels.py.
+from .silence import SilenceTrim
+from .sampler import CodeSampler

@@ -1,0 +1,153 @@
+"""The MAX port of the SpeechLM (voxlm.export.speechlm) against PyTorch: tiny preset, random weights.
+
+Logits must agree at prefill (a left-padded batch) and over decode steps through the KV cache; greedy decoding
+through the unchanged sampler (generate_codes) must give PyTorch's codes, 200 of them. The graph is compiled
+once per process and shared by every model here (a cold compile takes 1-3 min on 2 cores, hence `slow`;
+MAX's on-disk cache makes later runs take seconds).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import DynamicCache, LlamaForCausalLM
+
+from voxlm.export.speechlm import MaxKVCache, MaxSpeechLM
+from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, generate_codes, left_pad
+from voxlm.speechlm.model import build_model
+from voxlm.speechlm.sequences import tts_prompt
+from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+CODEBOOK = 64
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine, they say.",
+             "Is it raining in Paris? I don't think so.", "She sells sea shells by the sea shore."]
+GREEDY = SamplingConfig(do_sample=False)
+ATOL, RTOL = 1e-3, 1e-4  # max-abs, and max-abs over the largest |logit|
+
+
+@pytest.fixture(scope="module")
+def tok() -> SpeechTokenizer:
+    return SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK)
+
+
+def tiny_lm(tok: SpeechTokenizer, tied: bool, seed: int) -> LlamaForCausalLM:
+    """The tiny preset (GQA 4/2 heads) with a padded vocabulary and weights sharper than its init, so that
+    argmax ties cannot hide a wrong path; [speech_end]'s output row is zeroed (logit 0, below the best code's
+    in practice), so greedy rows run to their length limit. Tied or not, the shape is the same: one graph."""
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "speechlm" / "tiny.yaml").model)
+    cfg.update(tie_word_embeddings=tied, pad_vocab_to_multiple_of=128, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = build_model(cfg, len(tok), tok.layout.special_ids).eval()
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight[tok.speech_end_id] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def torch_lm(tok: SpeechTokenizer) -> LlamaForCausalLM:
+    return tiny_lm(tok, tied=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def max_lm(torch_lm: LlamaForCausalLM) -> MaxSpeechLM:
+    return MaxSpeechLM.from_pretrained(torch_lm)
+
+
+def prompts(tok: SpeechTokenizer) -> list[np.ndarray]:
+    """Two prompts of different lengths (with and without a voice prompt): the shorter one is left-padded."""
+    rng = np.random.default_rng(0)
+    return [tts_prompt(tok, "Hello there.", "She sells sea shells.", rng.integers(0, CODEBOOK, 9)),
+            tts_prompt(tok, "Is it raining in Paris?")]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    error = float((got - want).abs().max())
+    assert error <= ATOL and error / float(want.abs().max()) <= RTOL, error
+
+
+def test_logits_match_at_prefill_and_decode(tok: SpeechTokenizer, torch_lm: LlamaForCausalLM,
+                                            max_lm: MaxSpeechLM) -> None:
+    ids, mask = left_pad(prompts(tok), tok.pad_id)
+    assert (mask == 0).any()  # the batch really is padded
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  logits_to_keep=1)
+    with torch.no_grad():
+        want = torch_lm(**kwargs, cache=DynamicCache(config=torch_lm.config))
+    got = max_lm(**kwargs, cache=DynamicCache(config=torch_lm.config))
+    assert got.logits.shape == want.logits.shape and got.logits.dtype == torch.float32
+    assert_close(got.logits, want.logits)
+    assert isinstance(got.cache, MaxKVCache) and got.cache.get_seq_length() == ids.shape[1]
+
+    # Decode steps feed both models the same tokens (PyTorch's argmax); row 1 stops after step 3 and is fed
+    # padding that nothing attends to, as the sampler does.
+    next_position = mask.sum(1)
+    for step in range(8):
+        token = want.logits[:, -1].argmax(-1)
+        active = torch.tensor([True, step < 3])
+        mask = torch.cat([mask, active[:, None].long()], dim=1)
+        kwargs = dict(input_ids=torch.where(active, token, tok.pad_id)[:, None], attention_mask=mask,
+                      position_ids=next_position[:, None], use_cache=True, logits_to_keep=1)
+        with torch.no_grad():
+            want = torch_lm(**kwargs, cache=want.cache)
+        got = max_lm(**kwargs, cache=got.cache)
+        assert_close(got.logits[active], want.logits[active])
+        next_position = next_position + active.long()
+    assert got.cache.get_seq_length() == mask.shape[1]
+
+
+def argmax_codes(model: LlamaForCausalLM | MaxSpeechLM, tok: SpeechTokenizer, rows: list[np.ndarray],
+                 steps: int) -> list[list[int]]:
+    """A raw greedy loop over the KV cache that may only pick codes (no [speech_end]): `steps` per row."""
+    ids, mask = left_pad(rows, tok.pad_id)
+    allowed = allowed_tokens(tok, model.config.vocab_size)
+    allowed[tok.speech_end_id] = False
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    position, tokens = mask.sum(1), []
+    for _ in range(steps):
+        token = out.logits[:, -1].masked_fill(~allowed, -math.inf).argmax(-1)
+        tokens.append(token)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                    cache=out.cache, use_cache=True, logits_to_keep=1)
+        position = position + 1
+    return torch.stack(tokens, dim=1).tolist()
+
+
+def test_greedy_decoding_matches_pytorch(tok: SpeechTokenizer, torch_lm: LlamaForCausalLM,
+                                         max_lm: MaxSpeechLM) -> None:
+    rows = prompts(tok)
+    with torch.no_grad():
+        want = generate_codes(torch_lm, tok, rows, max_frames=200, sampling=GREEDY)
+    got = generate_codes(max_lm, tok, rows, max_frames=200, sampling=GREEDY)
+    assert [len(c) for c in want.codes] == [200, 200] and want.truncated == [True, True]
+    assert len(set(want.codes[0].tolist())) > 10  # a real path, not one code repeated
+    assert [c.tolist() for c in got.codes] == [c.tolist() for c in want.codes]
+    assert got.truncated == want.truncated
+
+    with torch.no_grad():
+        want_raw = argmax_codes(torch_lm, tok, rows, 200)
+    assert argmax_codes(max_lm, tok, rows, 200) == want_raw
+
+
+def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, tmp_path: Path) -> None:
+    """A tied model through its save_pretrained folder (which holds no lm_head.weight)."""
+    torch_lm = tiny_lm(tok, tied=True, seed=1)
+    torch_lm.save_pretrained(tmp_path)
+    max_lm = MaxSpeechLM.from_pretrained(tmp_path)
+    ids, mask = left_pad(prompts(tok), tok.pad_id)
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                  use_cache=True, logits_to_keep=1)
+    with torch.no_grad():
+        want = torch_lm(**kwargs, cache=DynamicCache(config=torch_lm.config))
+    assert_close(max_lm(**kwargs).logits, want.logits)
