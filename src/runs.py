@@ -4,6 +4,7 @@ Re-running a stage with the same run name resumes it from checkpoints/last.ckpt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -80,3 +81,12 @@ def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
 def load_run_config(run_dir: Path) -> DictConfig:
     """The resolved config a run was made with."""
     return OmegaConf.load(Path(run_dir) / CONFIG_FILE)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -236,3 +236,66 @@ def test_dpo_ranks_sampled_candidates_and_compares_with_sft(rlhf_runs: dict,
     assert len(changed_weights(run, sft_runs["full"])) > 10
     comparison = (run / "eval/comparison.md").read_text()
     assert "| test_seen/sft |" in comparison and "| test_seen/dpo |" in comparison
+
+
+def export(workspace: Path, tiny_corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = ["experiment=tiny", f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
+            "parity.utterances=2", *overrides]
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> Path:
+    out = workspace / "artifacts/tiny"
+    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_export_writes_an_artifact_that_loads_and_matches_pytorch(artifact_dir: Path,
+                                                                  sft_runs: dict[str, Path]) -> None:
+    from voxlm.export.artifact import load_manifest
+    from voxlm.export.build import load_artifact
+
+    report = json.loads((artifact_dir / "parity.json").read_text())
+    assert report["passed"] and all(check["passed"] for check in report["checks"])
+    assert {check["module"] for check in report["checks"]} == {"speechlm", "codec"}
+    manifest = load_manifest(artifact_dir)
+    assert manifest["device"] == "cpu" and manifest["dtype"] == "float32" and manifest["versions"]["max"]
+    assert any(name.startswith("graphs/") and name.endswith(".mef") for name in manifest["files"])
+    loaded = load_artifact(artifact_dir)
+    reference = AutoModelForCausalLM.from_pretrained(sft_runs["full"] / "hf", local_files_only=True).eval()
+    ids = torch.tensor([[loaded.tokenizer.bos_id, loaded.tokenizer.text_start_id, 5, 6, 7]])
+    mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    got = loaded.speechlm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    assert torch.allclose(got, expected, atol=1e-3)
+
+
+def test_a_tampered_artifact_is_refused(artifact_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from voxlm.export.artifact import ArtifactError, load_manifest
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(artifact_dir, copy)
+    weights = copy / "speechlm/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="speechlm/model.safetensors differs"):
+        load_manifest(copy)
+    with pytest.raises(ArtifactError, match="exported for device=cpu"):
+        load_manifest(artifact_dir, device="gpu")
+
+
+def test_the_parity_gate_catches_a_perturbed_weight(workspace: Path, tiny_corpus: Path,
+                                                    sft_runs: dict[str, Path], artifact_dir: Path) -> None:
+    out = workspace / "artifacts/perturbed"
+    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}",
+                    "parity.perturb=0.01")
+    assert result.returncode == 1
+    assert "speechlm logits_max_abs" in result.stderr and "no artifact written" in result.stderr
+    assert not out.exists() and not list(out.parent.glob(".perturbed*"))  # not even a partial folder

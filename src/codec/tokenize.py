@@ -22,7 +22,7 @@ from tqdm import tqdm
 from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
 from voxlm.data.shards import ShardWriter, is_complete
-from voxlm.runs import find_run, write_metrics
+from voxlm.runs import file_digest, find_run, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ def duration_batches(durations: list[float], batch_size: int) -> list[list[int]]
     """Indices in batches of similar duration, so little compute goes into padding."""
     order = sorted(range(len(durations)), key=lambda i: durations[i])
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def data_fingerprint(data_cfg: DictConfig, max_files: int = 10_000) -> str:
@@ -88,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     codec = load_codec(codec_dir)
     meta = {"codec_run": str(codec_dir), "codebook_size": codec.codebook_size,
             "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate, "hop_length": codec.hop_length}
-    source = {"data": data_fingerprint(cfg.data), "codec": file_digest(codec_dir / "codec.pt")}
+    source = {"data": data_fingerprint(cfg.data), "codec": file_digest(codec_dir / "codec.pt")[:16]}
     summary = {}
     for split in stage.splits:
         split_dir = Path(run_dir) / "shards" / split

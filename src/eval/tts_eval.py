@@ -131,6 +131,13 @@ def decode_codes(codec: Codec, codes: torch.Tensor) -> np.ndarray:
     return codec.decode(codes[None].to(device))[0].float().cpu().numpy()
 
 
+def case_prompt(tok: SpeechTokenizer, codec: Codec, case: Case) -> np.ndarray:
+    """The tts prompt for a case: the reference's transcript + the target text, then the reference's codes
+    (encoded now by this codec, as `synth.py voice=ref.wav` does)."""
+    return tts_prompt(tok, normalize_text(case.text), normalize_text(case.reference_text),
+                      encode_audio(codec, case.reference_audio))
+
+
 def synthesize_cases(model: torch.nn.Module, tok: SpeechTokenizer, codec: Codec, cases: list[Case],
                      sampling: SamplingConfig, length_cfg: DictConfig,
                      batch_size: int) -> list[dict[str, Any]]:
@@ -142,10 +149,9 @@ def synthesize_cases(model: torch.nn.Module, tok: SpeechTokenizer, codec: Codec,
         batch = cases[start: start + batch_size]
         prompts, limits = [], []
         for case in batch:
-            text = normalize_text(case.text)
-            prompts.append(tts_prompt(tok, text, normalize_text(case.reference_text),
-                                      encode_audio(codec, case.reference_audio)))
-            limits.append(frame_limit(len(tok.encode_text(text)), length_cfg.base_seconds * rate,
+            prompts.append(case_prompt(tok, codec, case))
+            num_tokens = len(tok.encode_text(normalize_text(case.text)))
+            limits.append(frame_limit(num_tokens, length_cfg.base_seconds * rate,
                                       length_cfg.seconds_per_text_token * rate))
         started = time.perf_counter()
         generation = generate_codes(model, tok, prompts, limits, sampling)

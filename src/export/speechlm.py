@@ -37,12 +37,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from max.driver import CPU, Accelerator, Buffer, Device
+from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import CompiledModel, InferenceSession, Model
 from max.graph import DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
 from torch import Tensor
 from transformers import LlamaConfig, PreTrainedModel
+
+from voxlm.export.sessions import compile_once, max_device
 
 MASKED = -1e9  # additive score for a key a query must not see (finite: see the module docstring)
 DTYPES = {"float32": (DType.float32, torch.float32), "bfloat16": (DType.bfloat16, torch.bfloat16)}
@@ -108,9 +110,11 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
             h = ops.rms_norm(x, weight(p + "input_layernorm.weight", s.hidden_size), s.rms_norm_eps)
-            q = h @ proj(p + "self_attn.q_proj.weight", s.hidden_size, s.num_heads * s.head_dim)
-            k = h @ proj(p + "self_attn.k_proj.weight", s.hidden_size, s.num_kv_heads * s.head_dim)
-            v = h @ proj(p + "self_attn.v_proj.weight", s.hidden_size, s.num_kv_heads * s.head_dim)
+            # Q, K and V in one matmul (and gate and up below): at decode's one token per row, a step is
+            # a chain of small matmuls whose count, more than their size, sets the latency.
+            q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+            qkv = h @ proj(p + "self_attn.qkv_proj.weight", s.hidden_size, q_dim + 2 * kv_dim)
+            q, k, v = qkv[..., :q_dim], qkv[..., q_dim: q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
             q = rotate(heads(q, s.num_heads, s.head_dim), cos, sin)             # [B, heads, T, hd]
             k = ops.concat([past[2 * i], rotate(heads(k, s.num_kv_heads, s.head_dim), cos, sin)], axis=2)
             v = ops.concat([past[2 * i + 1], heads(v, s.num_kv_heads, s.head_dim)], axis=2)
@@ -118,8 +122,8 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
             y = attention(q, k, v, bias, s.num_kv_heads)                          # [B, T, heads * hd]
             x = x + y @ proj(p + "self_attn.o_proj.weight", s.num_heads * s.head_dim, s.hidden_size)
             h = ops.rms_norm(x, weight(p + "post_attention_layernorm.weight", s.hidden_size), s.rms_norm_eps)
-            gate = h @ proj(p + "mlp.gate_proj.weight", s.hidden_size, s.intermediate_size)
-            up = h @ proj(p + "mlp.up_proj.weight", s.hidden_size, s.intermediate_size)
+            gate_up = h @ proj(p + "mlp.gate_up_proj.weight", s.hidden_size, 2 * s.intermediate_size)
+            gate, up = gate_up[..., : s.intermediate_size], gate_up[..., s.intermediate_size:]
             down = proj(p + "mlp.down_proj.weight", s.intermediate_size, s.hidden_size)
             x = x + (ops.silu(gate) * up) @ down
 
@@ -190,31 +194,20 @@ def attention(q: TensorValue, k: TensorValue, v: TensorValue, bias: TensorValue,
 
 # --- compile once, bind weights, run ----------------------------------------------------------------------
 
-_SESSIONS: dict[str, InferenceSession] = {}
-_COMPILED: dict[tuple, CompiledModel] = {}
-
-
-def _device(name: str) -> Device:
-    return CPU() if name == "cpu" else Accelerator()
 
 
 def compiled_graph(shape: LlamaShape, dtype: str = "float32",
                    device: str = "cpu") -> tuple[InferenceSession, CompiledModel]:
     """(session, compiled graph) for a model shape, compiled at most once per process (and served from MAX's
     on-disk cache, ~1.5 s, when this graph was compiled before)."""
-    if device not in _SESSIONS:
-        _SESSIONS[device] = InferenceSession(devices=[_device(device)])
-    session = _SESSIONS[device]
-    key = (shape, dtype, device)
-    if key not in _COMPILED:
-        ref = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU()
-        _COMPILED[key] = session.compile(build_graph(shape, DTYPES[dtype][0], ref))
-    return session, _COMPILED[key]
+    ref = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU()
+    return compile_once(("speechlm", shape, dtype), device, lambda: build_graph(shape, DTYPES[dtype][0], ref))
 
 
 def weight_registry(state_dict: Mapping[str, Tensor], shape: LlamaShape, dtype: str,
                     tied: bool) -> dict[str, Tensor]:
-    """The graph's weights from an HF LlamaForCausalLM state_dict, contiguous and in the graph's dtype.
+    """The graph's weights from an HF LlamaForCausalLM state_dict, contiguous and in the graph's dtype,
+    with Q/K/V and gate/up concatenated into the fused projections the graph multiplies by.
 
     Projections are stored transposed, [in, out], so the graph multiplies x @ w: with HF's [out, in] and
     x @ w.T, MAX 26.7 on CPU transposed every weight on every call (decode steps ~30% slower)."""
@@ -231,11 +224,19 @@ def weight_registry(state_dict: Mapping[str, Tensor], shape: LlamaShape, dtype: 
         raise KeyError(f"the state_dict lacks {missing[:3]}{'...' if len(missing) > 3 else ''}: not a Llama "
                        "of this config (attention/MLP biases are not ported)")
     torch_dtype = DTYPES[dtype][1]
+
     def graph_layout(name: str, t: Tensor) -> Tensor:
         t = t.T if name.endswith("_proj.weight") or name == "lm_head.weight" else t
-        return t.detach().to("cpu", torch_dtype).contiguous()
+        return t.detach().to("cpu", torch_dtype)
 
-    return {name: graph_layout(name, state_dict[name]) for name in names}
+    weights = {name: graph_layout(name, state_dict[name]) for name in names}
+    for i in range(shape.num_layers):  # fused as `build_graph` uses them: [in, q|k|v], [in, gate|up]
+        p = f"model.layers.{i}."
+        weights[p + "self_attn.qkv_proj.weight"] = torch.cat(
+            [weights.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=1)
+        weights[p + "mlp.gate_up_proj.weight"] = torch.cat(
+            [weights.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")], dim=1)
+    return {name: t.contiguous() for name, t in weights.items()}
 
 
 @dataclass
@@ -267,7 +268,7 @@ class MaxSpeechLM:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.config = config
         self.shape = LlamaShape.from_config(config)
-        self.max_device = _device(device)
+        self.max_device = max_device(device)
         self.dtype = dtype
         self.device = torch.device("cpu")
         session, compiled = compiled_graph(self.shape, dtype, device)

@@ -33,14 +33,12 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 
 from voxlm.codec.module import load_codec
-from voxlm.data.text import normalize_text
 from voxlm.eval.report import markdown_table, write_json
-from voxlm.eval.tts_eval import Case, Judges, build_cases, encode_audio, evaluate_tts
+from voxlm.eval.tts_eval import Case, Judges, build_cases, case_prompt, evaluate_tts
 from voxlm.rlhf.rewards import COMPONENTS, SpeechRewards
 from voxlm.runs import find_run, write_metrics
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.model import load_speechlm, speechlm_folder
-from voxlm.speechlm.sequences import tts_prompt
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.training import seed_everything
 
@@ -65,7 +63,7 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     cases = build_cases(cfg.data, stage.prompts.split, stage.prompts.split, codec.sample_rate,
                         int(stage.prompts.max_prompts), float(stage.prompts.max_prompt_seconds),
                         int(cfg.seed), float(stage.prompts.max_target_seconds), shuffle=True)
-    prompts = [prompt_ids(tok, codec, case) for case in cases]
+    prompts = [case_prompt(tok, codec, case) for case in cases]
     rewards = SpeechRewards(codec, tok, judges, {case.reference_id: case.reference_audio for case in cases},
                             stage.rewards, stage.length)
     log.info("%s on %s: %d prompts from %s", algorithm.name, sft_dir, len(cases), stage.prompts.split)
@@ -84,12 +82,6 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
              rewards.invalid_counts())
     if stage.evaluate.enabled:
         compare(cfg, run_dir, sft_dir, hf_dir, codec_dir, judges)
-
-
-def prompt_ids(tok: SpeechTokenizer, codec: Any, case: Case) -> np.ndarray:
-    """The tts prompt for a case: reference transcript + target text, then the reference's codes."""
-    return tts_prompt(tok, normalize_text(case.text), normalize_text(case.reference_text),
-                      encode_audio(codec, case.reference_audio))
 
 
 def prompt_text(tok: SpeechTokenizer, ids: np.ndarray) -> str:

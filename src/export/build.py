@@ -1,0 +1,158 @@
+"""`python export.py`: trained checkpoints -> a MAX artifact, admitted only by the parity gate.
+
+    1. load the SpeechLM (latest RLHF or SFT run) and the codec (latest codec run) in PyTorch;
+    2. build their MAX graphs from the same weights (nothing retrained, nothing downloaded), compiling each
+       graph once into the artifact's graphs/ folder (voxlm.export.sessions);
+    3. run the parity gate (voxlm.export.parity) on real prompts and recordings from the corpus;
+    4. only if every check passes, write the artifact (voxlm.export.artifact): the folder appears at `out`
+       complete, or not at all.
+
+`load_artifact` is the server's side: it checks the manifest and every file's hash, then builds the MAX
+models from the precompiled graphs, so a server starts without compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from voxlm.codec.model import Codec
+from voxlm.codec.module import load_codec
+from voxlm.eval.report import write_json
+from voxlm.eval.tts_eval import build_cases, case_prompt
+from voxlm.export import artifact, parity, sessions
+from voxlm.runs import find_run
+from voxlm.speechlm.model import load_speechlm, speechlm_folder
+from voxlm.speechlm.tokenizer import SpeechTokenizer
+
+log = logging.getLogger(__name__)
+
+SPEECHLM_DIR, CODEC_FILE, VOICES_DIR, GRAPHS_DIR = "speechlm", "codec/codec.pt", "voices", "graphs"
+
+
+def latest_speechlm(runs_dir: Path) -> Path:
+    """The newer of runs/rlhf/latest and runs/sft/latest: what a user just trained."""
+    candidates = []
+    for stage in ("rlhf", "sft"):
+        try:
+            candidates.append(speechlm_folder(find_run("latest", runs_dir, stage)))
+        except FileNotFoundError:
+            continue
+    if not candidates:
+        raise FileNotFoundError(f"no SFT or RLHF run under {runs_dir}: train one with `python train.py "
+                                "stage=sft`, or pass speechlm=path/to/run")
+    return max(candidates, key=lambda folder: (folder / "config.json").stat().st_mtime)
+
+
+def max_models(speechlm_dir: Path, codec: Codec, device: str, dtype: str, perturb: float = 0.0) -> dict:
+    """The MAX SpeechLM, codec decoder and codec encoder from the same weights as the PyTorch modules.
+    `perturb` adds a constant to one SpeechLM weight of the MAX copy: the gate's self-test."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    from voxlm.export.codec import MaxCodecDecoder, MaxCodecEncoder
+    from voxlm.export.speechlm import MaxSpeechLM
+
+    state = {name: t for file in sorted(speechlm_dir.glob("*.safetensors")) for name, t in
+             load_file(str(file)).items()}
+    if perturb:
+        name = "model.layers.0.mlp.down_proj.weight"
+        state[name] = state[name] + perturb
+        log.warning("parity self-test: %s of the MAX copy perturbed by %g", name, perturb)
+    speechlm = MaxSpeechLM(LlamaConfig.from_pretrained(str(speechlm_dir)), state, device, dtype)
+    return {"speechlm": speechlm, "decoder": MaxCodecDecoder.from_codec(codec, device=device),
+            "encoder": MaxCodecEncoder.from_codec(codec, device=device)}
+
+
+def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: Codec,
+               models: dict) -> list[parity.Check]:
+    gate = cfg.parity
+    thresholds = OmegaConf.to_container(gate.thresholds[cfg.dtype])
+    cases = build_cases(cfg.data, gate.split, gate.reference_split, codec.sample_rate, int(gate.utterances),
+                        float(gate.max_prompt_seconds))
+    prompts = [case_prompt(tok, codec, case) for case in cases]
+    checks = parity.speechlm_checks(torch_model, models["speechlm"], tok, prompts, thresholds,
+                                    int(gate.decode_steps), int(gate.greedy_tokens))
+    checks += parity.codec_checks(codec, models["decoder"], models["encoder"], [case.audio for case in cases],
+                                  thresholds, list(gate.stream_chunk_frames))
+    return checks
+
+
+def export_artifact(cfg: DictConfig) -> Path:
+    """Export, gate, write; raises ParityError (and writes nothing at cfg.out) when a check fails."""
+    runs_dir = Path(cfg.paths.runs_dir)
+    sources = cfg.sources
+    speechlm_dir = speechlm_folder(sources.speechlm) if sources.speechlm else latest_speechlm(runs_dir)
+    codec_dir = find_run(sources.codec, runs_dir, "codec")
+    codec = load_codec(codec_dir).eval()
+    torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
+    out = Path(cfg.out)
+    log.info("exporting %s + %s for %s/%s to %s", speechlm_dir, codec_dir, cfg.device, cfg.dtype, out)
+
+    def fill(folder: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        sessions.use_mefs(export_to=folder / GRAPHS_DIR)
+        try:
+            models = max_models(speechlm_dir, codec, cfg.device, cfg.dtype, float(cfg.parity.perturb))
+            compile_seconds = time.perf_counter() - started
+            checks = run_parity(cfg, torch_model, tok, codec, models)
+        finally:
+            sessions.use_mefs()  # later graphs in this process compile as usual
+        title = f"Parity: {speechlm_dir} + {codec_dir} on {cfg.device}/{cfg.dtype}"
+        table = parity.report_markdown(checks, title)
+        print(table)
+        parity.raise_on_failure(checks)  # before anything but graphs was written: the folder is discarded
+        write_json({"checks": [check.row() for check in checks], "passed": True}, folder / "parity.json")
+        (folder / "parity.md").write_text(table)
+        shutil.copytree(speechlm_dir, folder / SPEECHLM_DIR)
+        (folder / CODEC_FILE).parent.mkdir(parents=True)
+        shutil.copy2(codec_dir / "codec.pt", folder / CODEC_FILE)
+        voices = Path(cfg.voices_dir)
+        if voices.is_dir() and any(voices.iterdir()):
+            shutil.copytree(voices, folder / VOICES_DIR)
+        return {
+            "device": cfg.device, "dtype": cfg.dtype, "sample_rate": codec.sample_rate,
+            "frame_rate": codec.frame_rate, "codebook_size": codec.codebook_size,
+            "vocab": json.loads((speechlm_dir / "speech_layout.json").read_text()),
+            "sources": {"speechlm": str(speechlm_dir), "codec": str(codec_dir)},
+            "compile_seconds": round(compile_seconds, 1),
+        }
+
+    return artifact.write_artifact(out, fill)
+
+
+@dataclass
+class LoadedArtifact:
+    manifest: dict[str, Any]
+    speechlm: Any            # MaxSpeechLM: the sampler's drop-in for the HF model
+    tokenizer: SpeechTokenizer
+    codec: Codec             # the PyTorch codec (config, and the reference the server can fall back to)
+    decoder: Any             # MaxCodecDecoder
+    encoder: Any             # MaxCodecEncoder
+    voices_dir: Path
+
+
+def load_artifact(folder: str | Path, device: str = "cpu") -> LoadedArtifact:
+    """The MAX models of a verified artifact, from its precompiled graphs (no compile)."""
+    from voxlm.export.codec import MaxCodecDecoder, MaxCodecEncoder
+    from voxlm.export.speechlm import MaxSpeechLM
+
+    folder = Path(folder)
+    manifest = artifact.load_manifest(folder, device=device)
+    codec = load_codec(folder / CODEC_FILE).eval()
+    sessions.use_mefs(precompiled=folder / GRAPHS_DIR)
+    try:
+        speechlm = MaxSpeechLM.from_pretrained(folder / SPEECHLM_DIR, device, manifest["dtype"])
+        decoder = MaxCodecDecoder.from_codec(codec, device=device)
+        encoder = MaxCodecEncoder.from_codec(codec, device=device)
+    finally:
+        sessions.use_mefs()
+    tok = SpeechTokenizer.from_pretrained(folder / SPEECHLM_DIR, codebook_size=codec.codebook_size)
+    return LoadedArtifact(manifest, speechlm, tok, codec, decoder, encoder, folder / VOICES_DIR)
