@@ -18,7 +18,6 @@ wait for the overlap-add of the next frames, which the stream state carries.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -332,21 +331,17 @@ class Codec(nn.Module):
         return StreamState(torch.zeros(batch_size, 0, dtype=torch.long, device=device), tail)
 
     @torch.no_grad()
-    def stream(self, codes: Tensor, state: StreamState,
-               frames: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, StreamState]:
+    def stream(self, codes: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
         """codes LongTensor [B, n] -> (audio [B, n * hop], next state).
 
         Concatenating the outputs over any split of a code sequence equals decode() of the whole sequence:
         the new frames are decoded after the last left_context_frames codes (>= the receptive field, checked
         at construction), and the samples their windows add to later blocks wait in state.tail.
-        `frames` maps codes [B, F] to windowed frames [B, F, n_fft] (default: this decoder; an exported
-        decoder passes its own, and keeps this bookkeeping).
         """
         if codes.shape[1] == 0:
             return state.tail.new_zeros(codes.shape[0], 0), state
         context = torch.cat([state.codes, codes], dim=1)
-        frames = frames or (lambda c: self.decoder.frames(self.quantizer.codes_to_latent(c)))
-        frames = frames(context)[:, -codes.shape[1]:]
+        frames = self.decoder.frames(self.quantizer.codes_to_latent(context))[:, -codes.shape[1]:]
         audio = self.decoder.istft.overlap_add(frames)
         pending = state.tail.shape[1]
         audio = torch.cat([audio[:, :pending] + state.tail, audio[:, pending:]], dim=1)
