@@ -76,7 +76,7 @@ def bench_decode_step(model: PreTrainedModel, max_model: MaxSpeechLM, tok: Speec
 
     def torch_step() -> None:
         model(**step, cache=torch_cache, use_cache=True, logits_to_keep=1)
-        torch_cache.crop(past)  # back to the same past for the next call
+        torch_cache.crop(-1)  # drop the step's token: the next call sees the same past
 
     def max_step() -> None:
         max_model(**step, cache=max_cache)  # returns a new cache; max_cache itself is unchanged
