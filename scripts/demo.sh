@@ -29,6 +29,9 @@ $PY scripts/eval_tts.py experiment="$EXPERIMENT"
 step "python train.py stage=rlhf algorithm=grpo experiment=$EXPERIMENT (then SFT vs GRPO -> runs/rlhf/$EXPERIMENT/eval/)"
 $PY train.py stage=rlhf algorithm=grpo experiment="$EXPERIMENT"
 
+step "python export.py experiment=$EXPERIMENT -> artifacts/$EXPERIMENT (MAX graphs behind the parity gate)"
+$PY export.py experiment="$EXPERIMENT" speechlm="runs/rlhf/$EXPERIMENT" out="artifacts/$EXPERIMENT"
+
 step "a sample: runs/rlhf/$EXPERIMENT/demo.wav"
 $PY synth.py text="The quick brown fox jumps over the lazy dog." \
   speechlm="runs/rlhf/$EXPERIMENT/hf" codec="runs/codec/$EXPERIMENT" out="runs/rlhf/$EXPERIMENT/demo.wav"
