@@ -54,14 +54,12 @@ def latest_speechlm(runs_dir: Path) -> Path:
 def max_models(speechlm_dir: Path, codec: Codec, device: str, dtype: str, perturb: float = 0.0) -> dict:
     """The MAX SpeechLM, codec decoder and codec encoder from the same weights as the PyTorch modules.
     `perturb` adds a constant to one SpeechLM weight of the MAX copy: the gate's self-test."""
-    from safetensors.torch import load_file
     from transformers import LlamaConfig
 
     from voxlm.export.codec import MaxCodecDecoder, MaxCodecEncoder
-    from voxlm.export.speechlm import MaxSpeechLM
+    from voxlm.export.speechlm import MaxSpeechLM, load_state_dict
 
-    state = {name: t for file in sorted(speechlm_dir.glob("*.safetensors")) for name, t in
-             load_file(str(file)).items()}
+    state = load_state_dict(speechlm_dir)
     if perturb:
         name = "model.layers.0.mlp.down_proj.weight"
         state[name] = state[name] + perturb

@@ -54,7 +54,7 @@ from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 from torch import Tensor
 
 from voxlm.codec.model import Codec, StreamState
-from voxlm.export.sessions import compile_once, max_device
+from voxlm.export.sessions import compile_once, device_ref, max_device
 
 ArrayLike = Tensor | np.ndarray
 
@@ -201,10 +201,6 @@ class _Runner:
             buffers = [b.to(self.device) for b in buffers]
         outputs = self.model.execute(*buffers)
         return [(o.to(CPU()) if self.device != CPU() else o).to_numpy() for o in outputs]
-
-
-def device_ref(device: str) -> DeviceRef:
-    return DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU()
 
 
 # --- decoder ------------------------------------------------------------------------------------------------

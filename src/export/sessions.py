@@ -14,7 +14,7 @@ from pathlib import Path
 
 from max.driver import CPU, Accelerator, Device
 from max.engine import CompiledModel, InferenceSession
-from max.graph import Graph
+from max.graph import DeviceRef, Graph
 
 _SESSIONS: dict[str, InferenceSession] = {}
 _COMPILED: dict[Hashable, CompiledModel] = {}
@@ -26,6 +26,12 @@ def max_device(name: str) -> Device:
     if name not in ("cpu", "gpu"):
         raise ValueError(f"device must be cpu or gpu, got {name!r}")
     return CPU() if name == "cpu" else Accelerator()
+
+
+def device_ref(name: str) -> DeviceRef:
+    """The graph-side device for "cpu" or "gpu"."""
+    max_device(name)  # the same check and message
+    return DeviceRef.CPU() if name == "cpu" else DeviceRef.GPU()
 
 
 def use_mefs(export_to: str | Path | None = None, precompiled: str | Path | None = None) -> None:

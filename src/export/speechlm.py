@@ -44,7 +44,7 @@ from max.graph import DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, op
 from torch import Tensor
 from transformers import LlamaConfig, PreTrainedModel
 
-from voxlm.export.sessions import compile_once, max_device
+from voxlm.export.sessions import compile_once, device_ref, max_device
 
 MASKED = -1e9  # additive score for a key a query must not see (finite: see the module docstring)
 DTYPES = {"float32": (DType.float32, torch.float32), "bfloat16": (DType.bfloat16, torch.bfloat16)}
@@ -200,7 +200,7 @@ def compiled_graph(shape: LlamaShape, dtype: str = "float32",
                    device: str = "cpu") -> tuple[InferenceSession, CompiledModel]:
     """(session, compiled graph) for a model shape, compiled at most once per process (and served from MAX's
     on-disk cache, ~1.5 s, when this graph was compiled before)."""
-    ref = DeviceRef.CPU() if device == "cpu" else DeviceRef.GPU()
+    ref = device_ref(device)
     return compile_once(("speechlm", shape, dtype), device, lambda: build_graph(shape, DTYPES[dtype][0], ref))
 
 
@@ -237,6 +237,16 @@ def weight_registry(state_dict: Mapping[str, Tensor], shape: LlamaShape, dtype: 
         weights[p + "mlp.gate_up_proj.weight"] = torch.cat(
             [weights.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")], dim=1)
     return {name: t.contiguous() for name, t in weights.items()}
+
+
+def load_state_dict(folder: Path) -> dict[str, Tensor]:
+    """The weights of a save_pretrained folder, from all its *.safetensors files."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    return {name: t for file in files for name, t in load_file(str(file)).items()}
 
 
 @dataclass
@@ -282,16 +292,10 @@ class MaxSpeechLM:
         """From an HF LlamaForCausalLM in memory, or a save_pretrained folder (or a run folder with hf/)."""
         if isinstance(folder_or_model, PreTrainedModel):
             return cls(folder_or_model.config, folder_or_model.state_dict(), device, dtype)
-        from safetensors.torch import load_file
-
         from voxlm.speechlm.model import speechlm_folder
 
         folder = speechlm_folder(folder_or_model)
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {folder}")
-        state_dict = {name: t for file in files for name, t in load_file(str(file)).items()}
-        return cls(LlamaConfig.from_pretrained(str(folder)), state_dict, device, dtype)
+        return cls(LlamaConfig.from_pretrained(str(folder)), load_state_dict(folder), device, dtype)
 
     def empty_cache(self, batch: int) -> MaxKVCache:
         """P = 0: size-0 buffers, so prefill runs through the same graph as decode."""
