@@ -9,6 +9,7 @@ APT_PACKAGES=(
   espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts  # speech sources
   sox fortunes bible-kjv bible-kjv-text                                            # audio tools, text
   pocketsphinx-testdata                                                            # real LibriVox clips
+  chromium chromium-driver                                                         # the web page's test
 )
 PYTHON=${PYTHON:-python3}
 VENV=.venv

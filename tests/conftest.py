@@ -3,7 +3,13 @@ seconds) and shared by every test that needs real data."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,3 +93,139 @@ def dnsmos() -> DnsmosJudge:
     from voxlm.eval.dnsmos import DnsmosJudge
 
     return DnsmosJudge()
+
+
+# ---- the tiny pipeline through the real command lines: codec -> tokenize -> pretrain -> sft -> export ----
+# Session-scoped: the stage tests check each step, the server tests serve what they made.
+
+PRETRAIN_STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def workspace(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs/ tree of its own (the codec/tokenize tests move `latest` pointers in theirs), reading the
+    shared tiny corpus."""
+    return tmp_path_factory.mktemp("speechlm-stages")
+
+
+def train(workspace: Path, tiny_corpus: Path, stage: str, *overrides: str) -> str:
+    """`python train.py stage=<stage> experiment=tiny ...` in the workspace; its output."""
+    args = [f"stage={stage}", "experiment=tiny", f"paths.root_dir={workspace}",
+            f"paths.data_dir={tiny_corpus.parent}", *overrides]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
+    assert result.returncode == 0, f"train.py {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def shards(workspace: Path, tiny_corpus: Path) -> Path:
+    train(workspace, tiny_corpus, "codec", "codec.train.max_steps=2", "codec.train.val_check_interval=2")
+    train(workspace, tiny_corpus, "tokenize", "stage.splits=[train,val]")
+    return workspace / "runs/tokenize/tiny/shards"
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
+    train(workspace, tiny_corpus, "pretrain", "run_name=slm", f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}",
+          "speechlm.pretrain.val_check_interval=3")
+    return workspace / "runs/pretrain/slm"
+
+
+@pytest.fixture(scope="session")
+def sft_runs(workspace: Path, tiny_corpus: Path, pretrain_run: Path) -> dict[str, Path]:
+    train(workspace, tiny_corpus, "sft", "run_name=full", "stage.pretrain_run=slm")
+    train(workspace, tiny_corpus, "sft", "run_name=lora", "stage.pretrain_run=slm",
+          "speechlm.lora.enabled=true")
+    return {"full": workspace / "runs/sft/full", "lora": workspace / "runs/sft/lora"}
+
+
+def export(workspace: Path, tiny_corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = ["experiment=tiny", f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
+            "parity.utterances=2", *overrides]
+    return subprocess.run([sys.executable, str(ROOT / "export.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> Path:
+    out = workspace / "artifacts/tiny"
+    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+# ---- a real HTTP server (uvicorn on a free port, in this process) on the tiny artifact ----
+
+@pytest.fixture(scope="session")
+def tiny_voices(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
+    """One saved voice per train speaker of the tiny corpus, encoded by the tiny codec."""
+    out = workspace / "voices"
+    args = ["experiment=tiny", f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
+            f"voices.out={out}", "voices.min_seconds=0.5", "voices.max_seconds=6"]
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/make_voices.py"), *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def serve_config(*overrides: str) -> DictConfig:
+    """configs/serve.yaml with overrides, as serve.py composes it."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("serve", overrides=list(overrides))
+
+
+@dataclass
+class RunningServer:
+    url: str
+    server: object          # voxlm.serve.server.Server: its engine, backend, metrics
+    uvicorn: object
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*overrides: str) -> RunningServer:
+    import uvicorn
+
+    from voxlm.serve.server import build_server
+
+    port = free_port()
+    server = build_server(serve_config(f"port={port}", *overrides))
+    config = uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning")
+    runner = uvicorn.Server(config)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not runner.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return RunningServer(f"http://127.0.0.1:{port}", server, runner, thread)
+
+
+# Greedy decoding: every request's audio is a function of its text and voice, so tests can compare them.
+GREEDY = ("sampling.do_sample=false", "sampling.repetition_penalty=1.0")
+
+
+@pytest.fixture(scope="session")
+def max_server(artifact_dir: Path, tiny_voices: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The MAX backend on the tiny artifact, voices from the tiny corpus, a small pool and queue (so the
+    tests reach their limits), greedy decoding."""
+    writable = tmp_path_factory.mktemp("served-voices")
+    for voice in tiny_voices.iterdir():  # the server saves uploads here; start it with the corpus voices
+        (writable / voice.name).mkdir()
+        for file in voice.iterdir():
+            (writable / voice.name / file.name).write_bytes(file.read_bytes())
+    running = start_server(f"artifact={artifact_dir}", f"api.voices_dir={writable}",
+                           "engine.max_active_streams=4", "engine.max_queue=4", *GREEDY)
+    yield running
+    running.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PRETRAIN_STEPS, export, train
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -25,38 +26,6 @@ from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN_STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def workspace(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A runs/ tree of its own (the codec/tokenize tests move `latest` pointers in theirs), reading the
-    shared tiny corpus."""
-    return tmp_path_factory.mktemp("speechlm-stages")
-
-
-def train(workspace: Path, tiny_corpus: Path, stage: str, *overrides: str) -> str:
-    """`python train.py stage=<stage> experiment=tiny ...` in the workspace; its output."""
-    args = [f"stage={stage}", "experiment=tiny", f"paths.root_dir={workspace}",
-            f"paths.data_dir={tiny_corpus.parent}", *overrides]
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
-    assert result.returncode == 0, f"train.py {' '.join(args)} failed:\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def shards(workspace: Path, tiny_corpus: Path) -> Path:
-    train(workspace, tiny_corpus, "codec", "codec.train.max_steps=2", "codec.train.val_check_interval=2")
-    train(workspace, tiny_corpus, "tokenize", "stage.splits=[train,val]")
-    return workspace / "runs/tokenize/tiny/shards"
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
-    train(workspace, tiny_corpus, "pretrain", "run_name=slm", f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}",
-          "speechlm.pretrain.val_check_interval=3")
-    return workspace / "runs/pretrain/slm"
 
 
 def metrics(run: Path) -> dict:
@@ -119,14 +88,6 @@ def test_pretrain_resumes_from_its_last_step(workspace: Path, tiny_corpus: Path,
     assert (pretrain_run / "tokenizer/tokenizer.json").stat().st_mtime_ns == tokenizer_mtime  # re-used
     ckpt = torch.load(pretrain_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8 and ckpt["hyper_parameters"]["max_steps"] == 8
-
-
-@pytest.fixture(scope="module")
-def sft_runs(workspace: Path, tiny_corpus: Path, pretrain_run: Path) -> dict[str, Path]:
-    train(workspace, tiny_corpus, "sft", "run_name=full", "stage.pretrain_run=slm")
-    train(workspace, tiny_corpus, "sft", "run_name=lora", "stage.pretrain_run=slm",
-          "speechlm.lora.enabled=true")
-    return {"full": workspace / "runs/sft/full", "lora": workspace / "runs/sft/lora"}
 
 
 def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain_run: Path) -> None:
@@ -236,21 +197,6 @@ def test_dpo_ranks_sampled_candidates_and_compares_with_sft(rlhf_runs: dict,
     assert len(changed_weights(run, sft_runs["full"])) > 10
     comparison = (run / "eval/comparison.md").read_text()
     assert "| test_seen/sft |" in comparison and "| test_seen/dpo |" in comparison
-
-
-def export(workspace: Path, tiny_corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = ["experiment=tiny", f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
-            "parity.utterances=2", *overrides]
-    return subprocess.run([sys.executable, str(ROOT / "export.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> Path:
-    out = workspace / "artifacts/tiny"
-    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_export_writes_an_artifact_that_loads_and_matches_pytorch(artifact_dir: Path,

@@ -1,0 +1,96 @@
+"""What the engine runs on: the SpeechLM, its tokenizer, a codec decoder/encoder and the silence detector,
+from a MAX artifact (`backend=max`) or from PyTorch checkpoints (`backend=torch`, the reference and baseline).
+
+Both SpeechLMs take the same call (input_ids, attention_mask, position_ids, cache) and hand back logits and a
+cache (`voxlm.speechlm.generate.stream_codes` runs either), so the engine is one piece of code. What differs
+is the cache object: a transformers DynamicCache or MAX buffers. Continuous batching reshapes caches only when
+requests join or leave a batch, so each backend converts its cache to and from plain per-layer tensors
+[B, kv_heads, P, head_dim] (`cache_to_tensors` / `cache_from_tensors`) for those moments; every decode step
+runs on the backend's own cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from voxlm.codec.model import Codec
+from voxlm.codec.module import load_codec
+from voxlm.export.kernels import TrimResult, silence_trim, silence_trim_reference
+from voxlm.speechlm.model import load_speechlm
+from voxlm.speechlm.tokenizer import SpeechTokenizer
+
+
+@dataclass
+class Backend:
+    name: str                         # "max" or "torch"
+    model: Any                        # called like a transformers causal LM (MaxSpeechLM or the HF model)
+    tokenizer: SpeechTokenizer
+    codec: Codec                      # config (rates, codebook) and, for torch, the decoder itself
+    decoder: Any                      # .init_stream(1), .stream(codes [1, n], state) -> (audio, state)
+    encoder: Any                      # .encode(audio [1, T]) -> codes [1, F]
+    voices_dirs: list[Path]           # where saved voices are looked up, first match wins
+    model_id: str                     # what /v1/models lists
+    trim: Callable[[np.ndarray, int, float, int], TrimResult]  # (audio, frame_length, threshold_db, hangover)
+    cache_to_tensors: Callable[[Any], list[Tensor]]
+    cache_from_tensors: Callable[[list[Tensor]], Any]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir: str | Path | None = None,
+                model_id: str | None = None) -> Backend:
+    """The artifact's MAX graphs (verified against its manifest, no compile) and the Mojo silence kernel."""
+    from max.driver import CPU, Buffer
+
+    from voxlm.export.build import load_artifact
+    from voxlm.export.speechlm import MaxKVCache
+
+    loaded = load_artifact(artifact_dir, device=device)
+    model = loaded.speechlm
+
+    def to_tensors(cache: MaxKVCache) -> list[Tensor]:
+        return [torch.from_dlpack(b if model.max_device == CPU() else b.to(CPU())) for b in cache.layers]
+
+    def from_tensors(tensors: list[Tensor]) -> MaxKVCache:
+        tensors = [t.contiguous() for t in tensors]
+        cache = MaxKVCache([Buffer.from_dlpack(t).to(model.max_device) for t in tensors])
+        cache.keepalive = tensors  # the buffers may borrow these tensors' memory
+        return cache
+
+    dirs = [Path(extra_voices_dir)] if extra_voices_dir else []
+    return Backend("max", model, loaded.tokenizer, loaded.codec, loaded.decoder, loaded.encoder,
+                   dirs + [loaded.voices_dir], model_id or f"voxlm-{loaded.manifest['key']}", silence_trim,
+                   to_tensors, from_tensors)
+
+
+def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = "cpu", dtype: str = "float32",
+                  voices_dir: str | Path | None = None, model_id: str | None = None) -> Backend:
+    """The PyTorch reference: the HF SpeechLM and the codec as trained, the NumPy silence detector."""
+    codec = load_codec(codec_path, map_location=device).eval()
+    model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype)
+
+    def to_tensors(cache: DynamicCache) -> list[Tensor]:
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+    def from_tensors(tensors: list[Tensor]) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=list(zip(tensors[0::2], tensors[1::2], strict=True)))
+
+    class Encoder:  # the codec's encode on numpy/tensor input, as MaxCodecEncoder takes it
+        @staticmethod
+        def encode(audio: Any) -> Tensor:
+            return codec.encode(torch.as_tensor(np.asarray(audio), dtype=torch.float32, device=device))
+
+    dirs = [Path(voices_dir)] if voices_dir else []
+    return Backend("torch", model, tok, codec, codec, Encoder(), dirs,
+                   model_id or f"voxlm-torch-{Path(checkpoint).resolve().name}", silence_trim_reference,
+                   to_tensors, from_tensors)

@@ -1,0 +1,473 @@
+"""The serving engine: continuous batching of SpeechLM decode steps across requests, scheduled so that a new
+request's first audio leaves early, with each request's codes decoded to audio chunk by chunk as they come.
+
+    submit() ─► waiting ─► admit: prefill the newcomers together, sample their first code ─► warming group
+    warming group: stepped first, alone (a small batch: fast steps) until each row's first chunk is out
+    ─► running group: everyone else, stepped when no newcomer waits or when a row's audio is about to run
+       out (less than `min_slack_seconds` decoded ahead of real-time playback)
+    each step: one forward over the group's KV cache ─► sample ─► codes into each row's chunk ─► a full chunk
+    (schedule `chunk_frames`: small first, then larger) is decoded with left context (codec stream state) ─►
+    leading silence trimmed, boundary moved to the quietest frame near the chunk's end ─► the request's sink
+
+A group is a batch of rows sharing one KV cache, left-padded to a common past length with an attention mask
+(the layout `voxlm.speechlm.generate.stream_codes` uses, so a lone request samples what it would there).
+Rows join and leave between steps: merging or slicing a group's cache is the only copy of the KV cache,
+which happens when a request arrives, finishes, is cancelled or passes its deadline, never per step.
+
+The KV pool is the set of slots (`max_active_streams`): a request holds one from admission until its stream
+ends for any reason; `pool_used` is what the soak test checks returns to zero. Requests beyond the pool wait
+in a queue of at most `max_queue` (the HTTP layer answers 429 beyond it). All model work runs on the engine's
+own thread; sinks are called from it and must only hand the event over (e.g. to an asyncio loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from voxlm.serve.backends import Backend
+from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, left_pad, next_tokens
+
+log = logging.getLogger("voxlm.serve")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_active_streams: int = 16         # KV pool slots: requests decoding at once
+    max_queue: int = 64                  # requests waiting for a slot; beyond: QueueFull (HTTP 429)
+    max_prefill_batch: int = 8           # newcomers prefilled together in one forward
+    chunk_frames: tuple[int, ...] = (5, 10, 20, 40)  # codes per audio chunk, the last size repeats
+    min_slack_seconds: float = 0.5       # step the running group when a row has less audio than this ahead
+    max_running_skips: int = 8           # ... and at least every this many warming steps
+    trim_leading_silence: bool = True
+    silence_threshold_db: float = -40.0
+    silence_frame_seconds: float = 0.01
+    silence_hangover_frames: int = 2
+    max_leading_silence_seconds: float = 1.0  # never hold back more than this waiting for speech to start
+    boundary_search_seconds: float = 0.04     # move a chunk's end to the quietest frame within this much
+    idle_wait_seconds: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.chunk_frames or min(self.chunk_frames) < 1:
+            raise ValueError(f"chunk_frames must be positive sizes, got {list(self.chunk_frames)}")
+        if min(self.max_active_streams, self.max_prefill_batch) < 1 or self.max_queue < 0:
+            raise ValueError("max_active_streams and max_prefill_batch must be >= 1, max_queue >= 0")
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: try again later."""
+
+
+# --- what a request receives ------------------------------------------------------------------------------
+
+@dataclass
+class Audio:
+    samples: np.ndarray  # float32 [n], the next piece of the stream
+
+
+@dataclass
+class Done:
+    frames: int          # codes generated
+    truncated: bool      # the length guard cut it off before [speech_end]
+    audio_seconds: float
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int          # the HTTP status it maps to (504: deadline, 500: engine error)
+
+
+Event = Audio | Done | Failed
+
+
+@dataclass
+class SpeechRequest:
+    prompt: np.ndarray                    # token ids (tts_prompt)
+    max_frames: int                       # the length guard
+    sink: Callable[[Event], None]
+    deadline: float                       # time.monotonic() after which the stream is ended
+    id: str = ""
+    created: float = field(default_factory=time.monotonic)
+    cancelled: bool = False               # set by the client side; the engine frees the slot at its next turn
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Row:
+    """A request's state inside the engine."""
+
+    request: SpeechRequest
+    stream_state: Any                     # the codec decoder's left context
+    frames: int = 0
+    chunk_index: int = 0
+    pending: list[int] = field(default_factory=list)   # codes not yet decoded
+    first_audio: float | None = None      # monotonic time of the first audio handed to the sink
+    audio_samples: int = 0                # handed to the sink so far
+    leading: bool = True                  # nothing audible emitted yet: leading silence is still trimmed
+    trimmed_samples: int = 0
+    held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # audio after the last cut
+    finished: bool = False
+
+
+@dataclass
+class Group:
+    """Rows that decode together over one KV cache (left-padded to a common past length P)."""
+
+    rows: list[Row]
+    cache: Any
+    mask: Tensor        # [B, P] 1 = a real token
+    positions: Tensor   # [B] the next token's position
+    last_token: Tensor  # [B] the token sampled last (fed at the next step)
+    recent: Tensor      # [B, W] the last W code tokens, for the repetition penalty (-1: none)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class Engine:
+    """One thread runs the model; `submit` / `cancel` / `stats` may be called from any thread."""
+
+    def __init__(self, backend: Backend, config: EngineConfig, sampling: SamplingConfig,
+                 metrics: Any | None = None) -> None:
+        if sampling.repetition_window is None:
+            raise ValueError("serving needs a finite sampling.repetition_window (codes back)")
+        self.backend = backend
+        self.config = config
+        self.sampling = sampling
+        self.metrics = metrics
+        self.tok = backend.tokenizer
+        self.sample_rate = backend.codec.sample_rate
+        self.hop = backend.codec.hop_length
+        self.frame_length = max(1, round(config.silence_frame_seconds * self.sample_rate))
+        self.allowed = allowed_tokens(self.tok, backend.model.config.vocab_size)
+        self.generator = None
+        if sampling.seed is not None and not sampling.greedy:
+            self.generator = torch.Generator().manual_seed(sampling.seed)
+        self.waiting: deque[SpeechRequest] = deque()
+        self.active: dict[int, Row] = {}       # id(request) -> row: the KV pool's used slots
+        self.warming: Group | None = None
+        self.running: Group | None = None
+        self.steps = 0
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # --- the client side ------------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Run every kernel once (a prefill, decode steps, codec chunks, the silence detector) so that no
+        request pays for a first call: MAX loads a graph's kernels and the Mojo kernel its library lazily."""
+        frames = max(self.config.chunk_frames) + 2
+        events: list[Event] = []
+        prompt = np.array([self.tok.bos_id, self.tok.text_start_id, self.tok.text_end_id,
+                           self.tok.speech_start_id], dtype=np.int64)
+        self.submit(SpeechRequest(prompt, frames, events.append, time.monotonic() + 600, id="warmup"))
+        self.backend.trim(np.zeros(self.frame_length * 4, np.float32), self.frame_length, -40.0, 0)
+        if self._thread is None:
+            while self.waiting or self.active:
+                self._drop_ended()
+                self._admit()
+                for which in ("warming", "running"):
+                    if getattr(self, which) is not None:
+                        self._step(which)
+                self._graduate()
+        else:
+            while not events or isinstance(events[-1], Audio):
+                time.sleep(0.01)
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="voxlm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: SpeechRequest) -> None:
+        with self._wake:
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue)")
+            self.waiting.append(request)
+            self._wake.notify()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def pool_used(self) -> int:
+        return len(self.active)
+
+    def stats(self) -> dict[str, int]:
+        kv_tokens = sum(int(g.mask.numel()) for g in (self.warming, self.running) if g is not None)
+        return {"queue_depth": len(self.waiting), "active_streams": len(self.active),
+                "pool_capacity": self.config.max_active_streams, "kv_tokens": kv_tokens}
+
+    # --- the engine thread ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        running_skips = 0
+        while True:
+            with self._wake:
+                if self._stop:
+                    break
+                if not self.waiting and not self.active:
+                    self._wake.wait(self.config.idle_wait_seconds)
+                    continue
+            try:
+                self._drop_ended()
+                self._admit()
+                if self.warming is not None:
+                    self._step("warming")
+                    self._graduate()
+                    running_skips += 1
+                if self.running is not None and (self.warming is None or self._running_short_of_audio()
+                                                 or running_skips >= self.config.max_running_skips):
+                    self._step("running")
+                    running_skips = 0
+            except Exception as error:  # a failing step must not take the server down: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {error}")
+            if self.metrics is not None:
+                self.metrics.engine_state(**self.stats())
+        self._fail_all("the server is shutting down", status=503)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests, as many as there are free slots (up to max_prefill_batch), together."""
+        newcomers: list[SpeechRequest] = []
+        with self._wake:
+            while self.waiting and len(newcomers) < min(self.config.max_prefill_batch,
+                                                        self.config.max_active_streams - len(self.active)):
+                request = self.waiting.popleft()
+                if request.cancelled:
+                    continue
+                if time.monotonic() > request.deadline:
+                    request.sink(Failed("the request waited past its deadline for a free slot", 504))
+                    continue
+                newcomers.append(request)
+        if not newcomers:
+            return
+        rows = [Row(r, self.backend.decoder.init_stream(1)) for r in newcomers]
+        for row in rows:
+            self.active[id(row.request)] = row
+        ids, mask = left_pad([r.prompt for r in newcomers], self.tok.pad_id)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.backend.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 cache=self._empty_cache(), use_cache=True, logits_to_keep=1)
+        width = self.sampling.repetition_window
+        group = Group(rows, out.cache, mask, mask.sum(1), torch.zeros(len(rows), dtype=torch.long),
+                      torch.full((len(rows), width), -1, dtype=torch.long))
+        if self.metrics is not None:
+            self.metrics.prefill(len(rows))
+        group = self._sample(group, out.logits[:, -1].float())
+        self.warming = self._merge(self.warming, group)
+
+    def _empty_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.backend.model.config)
+
+    def _step(self, which: str) -> None:
+        group: Group = getattr(self, which)
+        mask = torch.cat([group.mask, torch.ones(len(group), 1, dtype=torch.long)], dim=1)
+        out = self.backend.model(input_ids=group.last_token[:, None], attention_mask=mask,
+                                 position_ids=group.positions[:, None], cache=group.cache, use_cache=True,
+                                 logits_to_keep=1)
+        group.cache, group.mask, group.positions = out.cache, mask, group.positions + 1
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.decode_step(len(group))
+        setattr(self, which, self._sample(group, out.logits[:, -1].float()))
+
+    def _sample(self, group: Group, logits: Tensor) -> Group | None:
+        """Choose each row's next token, hand out full chunks, and drop the rows that finished."""
+        tokens = next_tokens(logits, self.allowed, group.recent, self.sampling, self.generator)
+        group.last_token = tokens
+        if group.recent.shape[1]:
+            group.recent = torch.cat([group.recent[:, 1:], tokens[:, None]], dim=1)
+        for row, token in zip(group.rows, tokens.tolist(), strict=True):
+            if token == self.tok.speech_end_id:
+                self._finish(row, truncated=False)
+                continue
+            row.pending.append(token - self.tok.code_offset)
+            row.frames += 1
+            if row.frames >= row.request.max_frames:
+                self._finish(row, truncated=True)
+            elif len(row.pending) >= self._chunk_size(row):
+                self._decode_chunk(row, final=False)
+        return self._keep(group, [i for i, row in enumerate(group.rows) if not row.finished])
+
+    def _chunk_size(self, row: Row) -> int:
+        sizes = self.config.chunk_frames
+        return sizes[min(row.chunk_index, len(sizes) - 1)]
+
+    def _graduate(self) -> None:
+        """Warming rows whose first audio is out join the running group."""
+        group = self.warming
+        if group is None:
+            return
+        ready = [i for i, row in enumerate(group.rows) if row.first_audio is not None]
+        if not ready:
+            return
+        staying = sorted(set(range(len(group))) - set(ready))
+        self.running = self._merge(self.running, self._keep(group, ready, copy=True))
+        self.warming = self._keep(group, staying)
+
+    def _running_short_of_audio(self) -> bool:
+        now = time.monotonic()
+        for row in self.running.rows:
+            played = now - (row.first_audio if row.first_audio is not None else now)
+            if row.audio_samples / self.sample_rate - played < self.config.min_slack_seconds:
+                return True
+        return False
+
+    def _drop_ended(self) -> None:
+        """Free the slots of cancelled requests and of those past their deadline."""
+        now = time.monotonic()
+        for which in ("warming", "running"):
+            group: Group | None = getattr(self, which)
+            if group is None:
+                continue
+            keep = []
+            for i, row in enumerate(group.rows):
+                if row.request.cancelled:
+                    self._release(row)
+                elif now > row.request.deadline:
+                    self._release(row)
+                    row.request.sink(Failed("the request ran past its deadline", 504))
+                else:
+                    keep.append(i)
+            if len(keep) < len(group):
+                setattr(self, which, self._keep(group, keep))
+
+    def _fail_all(self, message: str, status: int = 500) -> None:
+        for row in list(self.active.values()):
+            self._release(row)
+            row.request.sink(Failed(message, status))
+        self.warming = self.running = None
+        with self._wake:
+            while self.waiting:
+                self.waiting.popleft().sink(Failed(message, 503))
+
+    def _release(self, row: Row) -> None:
+        row.finished = True
+        self.active.pop(id(row.request), None)
+
+    # --- audio ----------------------------------------------------------------------------------------------
+
+    def _finish(self, row: Row, truncated: bool) -> None:
+        self._decode_chunk(row, final=True)
+        self._release(row)
+        seconds = row.audio_samples / self.sample_rate
+        if self.metrics is not None:
+            elapsed = time.monotonic() - row.request.created
+            self.metrics.finished(elapsed / seconds if seconds else None, seconds, truncated)
+        row.request.sink(Done(row.frames, truncated, seconds))
+
+    def _decode_chunk(self, row: Row, final: bool) -> None:
+        codes, row.pending = row.pending, []
+        row.chunk_index += 1
+        audio = np.zeros(0, np.float32)
+        if codes:
+            decoded, row.stream_state = self.backend.decoder.stream(
+                torch.tensor([codes], dtype=torch.long), row.stream_state)
+            audio = decoded[0].float().cpu().numpy()
+        if row.leading and self.config.trim_leading_silence:
+            audio = self._trim_leading(row, audio, final)
+            if audio is None:
+                return
+        row.leading = False
+        audio = np.concatenate([row.held, audio]) if len(row.held) else audio
+        row.held = np.zeros(0, np.float32)
+        if not final and row.first_audio is not None:
+            audio, row.held = self._quiet_cut(audio)
+        if len(audio):
+            self._emit(row, audio)
+
+    def _trim_leading(self, row: Row, audio: np.ndarray, final: bool) -> np.ndarray | None:
+        """Drop silence before the first voiced frame; None: the chunk was all silence, wait for the next."""
+        cfg = self.config
+        if not len(audio):
+            return None if not final else audio
+        found = self.backend.trim(audio, self.frame_length, cfg.silence_threshold_db,
+                                  cfg.silence_hangover_frames)
+        budget = round(cfg.max_leading_silence_seconds * self.sample_rate) - row.trimmed_samples
+        if found.empty and len(audio) <= budget and not final:
+            row.trimmed_samples += len(audio)
+            return None
+        start = 0 if found.empty else min(found.start, max(budget, 0))
+        row.trimmed_samples += start
+        return audio[start:]
+
+    def _quiet_cut(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(to send now, to hold for the next chunk): cut at the middle of the quietest frame among the last
+        boundary_search_seconds, so that a pause between network chunks falls where the speech is quiet."""
+        window = round(self.config.boundary_search_seconds * self.sample_rate)
+        frames = window // self.frame_length
+        if frames < 2 or len(audio) < 2 * window:
+            return audio, np.zeros(0, np.float32)
+        start = len(audio) - frames * self.frame_length
+        tail = self.backend.trim(audio[start:], self.frame_length, self.config.silence_threshold_db, 0)
+        rms_db = tail.rms_db
+        quietest = len(rms_db) - 1 - int(np.argmin(rms_db[::-1]))  # the latest of equally quiet frames
+        cut = start + quietest * self.frame_length + self.frame_length // 2
+        return audio[:cut], audio[cut:].copy()
+
+    def _emit(self, row: Row, audio: np.ndarray) -> None:
+        if row.first_audio is None:
+            row.first_audio = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.first_audio(row.first_audio - row.request.created)
+        row.audio_samples += len(audio)
+        row.request.sink(Audio(np.ascontiguousarray(audio, dtype=np.float32)))
+
+    # --- groups: the only places the KV cache is copied ----------------------------------------------------
+
+    def _keep(self, group: Group, rows: list[int], copy: bool = False) -> Group | None:
+        """The group restricted to `rows` (None when empty), with left padding no row needs cut off."""
+        if not rows:
+            return None
+        if len(rows) == len(group) and not copy:
+            return group
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = group.mask[index]
+        first = int(mask.any(0).long().argmax())  # columns before it are padding in every kept row
+        tensors = [t[index][:, :, first:] for t in self.backend.cache_to_tensors(group.cache)]
+        return Group([group.rows[i] for i in rows], self.backend.cache_from_tensors(tensors), mask[:, first:],
+                     group.positions[index], group.last_token[index], group.recent[index])
+
+    def _merge(self, a: Group | None, b: Group | None) -> Group | None:
+        """One group of both, the shorter past left-padded to the longer."""
+        if a is None or b is None:
+            return a or b
+        width = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad(t: Tensor, dim: int) -> Tensor:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        tensors = [torch.cat([pad(x, 2), pad(y, 2)]) for x, y in zip(
+            self.backend.cache_to_tensors(a.cache), self.backend.cache_to_tensors(b.cache), strict=True)]
+        return Group(a.rows + b.rows, self.backend.cache_from_tensors(tensors),
+                     torch.cat([pad(a.mask, 1), pad(b.mask, 1)]), torch.cat([a.positions, b.positions]),
+                     torch.cat([a.last_token, b.last_token]), torch.cat([a.recent, b.recent]))
