@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 import uvicorn
+from hydra import compose, initialize
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,6 +25,12 @@ from voxlm.serve.server import ServeConfigError, build_server
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "serve.yaml"
 # Stored under a name (as synth.py does): `codec=...` must not select train.py's config group of that name.
 ConfigStore.instance().store(name="serve", node=OmegaConf.load(CONFIG_FILE))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """configs/serve.yaml with command-line style overrides (for scripts and tests)."""
+    with initialize(version_base="1.3", config_path=None):
+        return compose("serve", overrides=overrides)
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="serve")

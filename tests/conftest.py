@@ -142,15 +142,17 @@ def sft_runs(workspace: Path, tiny_corpus: Path, pretrain_run: Path) -> dict[str
 
 def export(workspace: Path, tiny_corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
     args = ["experiment=tiny", f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
-            "parity.utterances=2", *overrides]
+            "parity.utterances=2", f"voices_dir={workspace / 'voices'}", *overrides]
     return subprocess.run([sys.executable, str(ROOT / "export.py"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=900)
 
 
 @pytest.fixture(scope="session")
-def artifact_dir(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> Path:
+def artifact_dir(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path], tiny_voices: Path) -> Path:
+    """The tiny SFT model and codec exported, with the tiny corpus's voices."""
     out = workspace / "artifacts/tiny"
-    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}")
+    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}",
+                    f"voices_dir={tiny_voices}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -171,8 +173,10 @@ def tiny_voices(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
 
 def serve_config(*overrides: str) -> DictConfig:
     """configs/serve.yaml with overrides, as serve.py composes it."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("serve", overrides=list(overrides))
+    sys.path.insert(0, str(ROOT))
+    from serve import compose_config
+
+    return compose_config(list(overrides))
 
 
 @dataclass

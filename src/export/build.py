@@ -31,6 +31,7 @@ from voxlm.export import artifact, parity, sessions
 from voxlm.runs import find_run
 from voxlm.speechlm.model import load_speechlm, speechlm_folder
 from voxlm.speechlm.tokenizer import SpeechTokenizer
+from voxlm.speechlm.voices import Voice, list_voices
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ def export_artifact(cfg: DictConfig) -> Path:
         shutil.copytree(speechlm_dir, folder / SPEECHLM_DIR)
         (folder / CODEC_FILE).parent.mkdir(parents=True)
         shutil.copy2(codec_dir / "codec.pt", folder / CODEC_FILE)
-        voices = Path(cfg.voices_dir)
-        if voices.is_dir() and any(voices.iterdir()):
-            shutil.copytree(voices, folder / VOICES_DIR)
+        copy_voices(Path(cfg.voices_dir), folder / VOICES_DIR, codec)
         return {
             "device": cfg.device, "dtype": cfg.dtype, "sample_rate": codec.sample_rate,
             "frame_rate": codec.frame_rate, "codebook_size": codec.codebook_size,
@@ -124,6 +123,20 @@ def export_artifact(cfg: DictConfig) -> Path:
         }
 
     return artifact.write_artifact(out, fill)
+
+
+def copy_voices(source: Path, target: Path, codec: Codec) -> list[str]:
+    """Ship the saved voices this codec reads; voices of another codec are left out with a warning."""
+    shipped = []
+    for name in list_voices(source):
+        try:
+            Voice.load(source / name).check_codec(codec)
+        except ValueError as error:
+            log.warning("voice '%s' is not shipped: %s", name, error)
+            continue
+        shutil.copytree(source / name, target / name)
+        shipped.append(name)
+    return shipped
 
 
 @dataclass

@@ -95,23 +95,33 @@ class VoiceBook:
         self.dirs = [writable, *[d for d in dirs if d != writable]]
         self.writable = writable
         self.backend = backend
-        self._cache: dict[str, Voice] = {}
+        self._cache: dict[str, Voice | None] = {}  # by folder: None for a voice of another codec
 
     def names(self) -> list[str]:
-        return sorted({name for d in self.dirs for name in list_voices(d)})
+        """The voices this server's codec reads (a voice of another codec is left out, with a warning)."""
+        return sorted({name for d in self.dirs for name in list_voices(d) if self._load(d, name)})
 
     def get(self, name: str) -> Voice:
-        if name not in self._cache:
-            for d in self.dirs:
-                if (d / name / "voice.json").is_file():
-                    voice = Voice.load(d / name)
-                    voice.check_codec(self.backend.codec)
-                    self._cache[name] = voice
-                    break
-            else:
-                known = ", ".join(self.names()) or "none yet: add one with POST /v1/voices"
-                raise ApiError(400, f"unknown voice '{name}'; voices: {known}", "voice")
-        return self._cache[name]
+        for d in self.dirs:
+            voice = self._load(d, name)
+            if voice is not None:
+                return voice
+        known = ", ".join(self.names()) or "none yet: add one with POST /v1/voices"
+        raise ApiError(400, f"unknown voice '{name}'; voices: {known}", "voice")
+
+    def _load(self, folder: Path, name: str) -> Voice | None:
+        key = str(folder / name)
+        if key not in self._cache:
+            if not (folder / name / "voice.json").is_file():
+                return None
+            voice = Voice.load(folder / name)
+            try:
+                voice.check_codec(self.backend.codec)
+            except ValueError as error:
+                log.warning("voice %s is not served: %s", key, error)
+                voice = None
+            self._cache[key] = voice
+        return self._cache[key]
 
     def describe(self, name: str) -> dict[str, Any]:
         voice = self.get(name)

@@ -72,9 +72,12 @@ class SpeedChanger:
         self.position = 0.0      # next analysis frame's nominal start, in input samples (without the pad)
         self.previous = None     # where the last frame was read from (absolute, in self.input coordinates)
         self.tail = np.zeros(self.hop, np.float32)
+        self.samples_in = 0
+        self.samples_out = 0
 
     def push(self, audio: np.ndarray, final: bool = False) -> np.ndarray:
         self.input = np.concatenate([self.input, np.asarray(audio, np.float32)])
+        self.samples_in += len(audio)
         out: list[np.ndarray] = []
         for start in self._frames(final):
             piece = self.input[start - self.consumed: start - self.consumed + self.frame]
@@ -91,7 +94,11 @@ class SpeedChanger:
                                                                          self.previous + self.hop)
         drop = max(0, keep_from - self.consumed)
         self.input, self.consumed = self.input[drop:], self.consumed + drop
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        result = np.concatenate(out) if out else np.zeros(0, np.float32)
+        if final:  # the last frames ran into zero padding: end where the input's duration says
+            result = result[: max(0, round(self.samples_in / self.speed) - self.samples_out)]
+        self.samples_out += len(result)
+        return result
 
     def _frames(self, final: bool) -> Iterator[int]:
         available = self.consumed + len(self.input)
