@@ -29,6 +29,9 @@ $PY scripts/eval_tts.py experiment="$EXPERIMENT"
 step "python train.py stage=rlhf algorithm=grpo experiment=$EXPERIMENT (then SFT vs GRPO -> runs/rlhf/$EXPERIMENT/eval/)"
 $PY train.py stage=rlhf algorithm=grpo experiment="$EXPERIMENT"
 
+step "voices: one per train speaker -> voices/ (synth.py voice=<name>, the artifact, the server)"
+$PY scripts/make_voices.py experiment="$EXPERIMENT"
+
 step "python export.py experiment=$EXPERIMENT -> artifacts/$EXPERIMENT (MAX graphs behind the parity gate)"
 $PY export.py experiment="$EXPERIMENT" speechlm="runs/rlhf/$EXPERIMENT" out="artifacts/$EXPERIMENT"
 
@@ -37,3 +40,8 @@ $PY synth.py text="The quick brown fox jumps over the lazy dog." \
   speechlm="runs/rlhf/$EXPERIMENT/hf" codec="runs/codec/$EXPERIMENT" out="runs/rlhf/$EXPERIMENT/demo.wav"
 
 step "done: runs/<stage>/$EXPERIMENT/ holds each stage's run folder; docs/benchmarks.md explains the numbers"
+cat <<EOF
+Serve it (streaming, OpenAI-compatible; a web page at http://127.0.0.1:8000/):
+  $PY serve.py artifact=artifacts/$EXPERIMENT                      # MAX
+  $PY serve.py backend=torch checkpoint=runs/rlhf/$EXPERIMENT codec=runs/codec/$EXPERIMENT   # PyTorch
+EOF

@@ -23,7 +23,14 @@ from transformers import DynamicCache
 
 from voxlm.codec.model import Codec
 from voxlm.codec.module import load_codec
-from voxlm.export.kernels import TrimResult, silence_trim, silence_trim_reference
+from voxlm.export.kernels import (
+    CodeSamplerParams,
+    TrimResult,
+    sample_codes,
+    silence_trim,
+    silence_trim_reference,
+)
+from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, next_tokens
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
@@ -41,6 +48,8 @@ class Backend:
     trim: Callable[[np.ndarray, int, float, int], TrimResult]  # (audio, frame_length, threshold_db, hangover)
     cache_to_tensors: Callable[[Any], list[Tensor]]
     cache_from_tensors: Callable[[list[Tensor]], Any]
+    # (logits [B, V] float32, recent code ids [B, W], sampling, generator) -> next token ids [B]
+    sample: Callable[[Tensor, Tensor, SamplingConfig, torch.Generator | None], Tensor]
 
     @property
     def context_length(self) -> int:
@@ -67,10 +76,17 @@ def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir:
         cache.keepalive = tensors  # the buffers may borrow these tensors' memory
         return cache
 
+    def sample(logits: Tensor, recent: Tensor, sampling: SamplingConfig,
+               generator: torch.Generator | None) -> Tensor:
+        # The fused Mojo sampler: mask, repetition penalty, temperature, top-k, top-p and the draw in one
+        # kernel, the draw from uniform numbers of the engine's generator.
+        u = torch.rand(len(logits), generator=generator, dtype=torch.float64)
+        return sample_codes(logits, recent, u, CodeSamplerParams.from_config(sampling, loaded.tokenizer))
+
     dirs = [Path(extra_voices_dir)] if extra_voices_dir else []
     return Backend("max", model, loaded.tokenizer, loaded.codec, loaded.decoder, loaded.encoder,
                    dirs + [loaded.voices_dir], model_id or f"voxlm-{loaded.manifest['key']}", silence_trim,
-                   to_tensors, from_tensors)
+                   to_tensors, from_tensors, sample)
 
 
 def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -90,7 +106,13 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
         def encode(audio: Any) -> Tensor:
             return codec.encode(torch.as_tensor(np.asarray(audio), dtype=torch.float32, device=device))
 
+    allowed = allowed_tokens(tok, model.config.vocab_size).to(device)
+
+    def sample(logits: Tensor, recent: Tensor, sampling: SamplingConfig,
+               generator: torch.Generator | None) -> Tensor:
+        return next_tokens(logits, allowed, recent, sampling, generator)
+
     dirs = [Path(voices_dir)] if voices_dir else []
     return Backend("torch", model, tok, codec, codec, Encoder(), dirs,
                    model_id or f"voxlm-torch-{Path(checkpoint).resolve().name}", silence_trim_reference,
-                   to_tensors, from_tensors)
+                   to_tensors, from_tensors, sample)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from voxlm.serve.backends import Backend
-from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, left_pad, next_tokens
+from voxlm.speechlm.generate import SamplingConfig, left_pad
 
 log = logging.getLogger("voxlm.serve")
 
@@ -151,7 +151,6 @@ class Engine:
         self.sample_rate = backend.codec.sample_rate
         self.hop = backend.codec.hop_length
         self.frame_length = max(1, round(config.silence_frame_seconds * self.sample_rate))
-        self.allowed = allowed_tokens(self.tok, backend.model.config.vocab_size)
         self.generator = None
         if sampling.seed is not None and not sampling.greedy:
             self.generator = torch.Generator().manual_seed(sampling.seed)
@@ -166,6 +165,7 @@ class Engine:
 
     # --- the client side ------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def warmup(self) -> None:
         """Run every kernel once (a prefill, decode steps, codec chunks, the silence detector) so that no
         request pays for a first call: MAX loads a graph's kernels and the Mojo kernel its library lazily."""
@@ -221,6 +221,7 @@ class Engine:
 
     # --- the engine thread ----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def _loop(self) -> None:
         running_skips = 0
         while True:
@@ -297,7 +298,7 @@ class Engine:
 
     def _sample(self, group: Group, logits: Tensor) -> Group | None:
         """Choose each row's next token, hand out full chunks, and drop the rows that finished."""
-        tokens = next_tokens(logits, self.allowed, group.recent, self.sampling, self.generator)
+        tokens = self.backend.sample(logits, group.recent, self.sampling, self.generator)
         group.last_token = tokens
         if group.recent.shape[1]:
             group.recent = torch.cat([group.recent[:, 1:], tokens[:, None]], dim=1)
