@@ -335,3 +335,23 @@ def test_torch_backend_serves_the_same_speech(max_server: RunningServer, sft_run
         assert np.abs(ours.astype(np.int32) - theirs).max() <= 2  # 16-bit rounding of float32 differences
     finally:
         server.stop()
+
+
+def test_a_stream_cut_by_its_deadline_does_not_end_cleanly(artifact_dir: Path, tiny_voices: Path) -> None:
+    """After the 200 went out, a deadline can only be told by the body: the connection drops without the
+    final chunk, so clients see an incomplete response rather than a short, clean one."""
+    server = start_server(f"artifact={artifact_dir}", f"api.voices_dir={tiny_voices}",
+                          "api.request_timeout_seconds=1.0", "sampling.do_sample=false")
+    try:
+        body = {"input": "The quick brown fox jumps over the lazy dog. " * 6, "voice": a_voice(server),
+                "response_format": "pcm"}
+        received = 0
+        with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012 (the error comes mid-stream)
+            with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=60) as response:
+                assert response.status_code == 200
+                for chunk in response.iter_raw():
+                    received += len(chunk)
+        assert received > 0
+        wait_until_idle(server)
+    finally:
+        server.stop()

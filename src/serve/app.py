@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -71,6 +71,10 @@ class ApiSettings:
     min_voice_seconds: float = 0.5
     max_voice_seconds: float = 20.0
     voice_preprocess: dict[str, Any] = field(default_factory=dict)  # voxlm.data.dataset.Preprocess
+
+
+class StreamAborted(Exception):
+    """A stream that cannot finish (deadline, engine error) after its 200 went out."""
 
 
 class ApiError(Exception):
@@ -143,15 +147,15 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         metrics.responses.labels(request.url.path, str(error.status)).inc()
         return error_response(error.status, error.message, error.param, error.headers)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Response:
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {settings.api_key}":
-                metrics.responses.labels(request.url.path, "401").inc()
-                why = "missing" if not given else "wrong"
-                return error_response(401, f"{why} API key: send the header 'Authorization: Bearer <key>'")
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        """A dependency of every /v1 route (not a middleware: Starlette's http middleware re-streams bodies,
+        which would hide a stream that breaks off, and costs time on every chunk)."""
+        given = request.headers.get("authorization", "")
+        if settings.api_key and given != f"Bearer {settings.api_key}":
+            why = "missing" if not given else "wrong"
+            raise ApiError(401, f"{why} API key: send the header 'Authorization: Bearer <key>'")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -166,16 +170,16 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": m, "object": "model", "created": started,
                                             "owned_by": "voxlm"} for m in models]}
 
-    @app.get("/v1/voices")
+    @v1.get("/voices")
     async def get_voices() -> dict[str, Any]:
         return {"object": "list", "data": [voices.describe(name) for name in voices.names()]}
 
-    @app.post("/v1/voices", status_code=201)
+    @v1.post("/voices", status_code=201)
     async def add_voice(request: Request) -> dict[str, Any]:
         form = await _form(request, settings.max_voice_upload_bytes)
         name, text, upload = form.get("name"), form.get("text"), form.get("file")
@@ -215,14 +219,15 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         save_voice(voice, voices.writable, audio)
         return voice.name
 
-    @app.post("/v1/audio/speech")
+    @v1.post("/audio/speech")
     async def speech(request: Request) -> Response:
         body = await _json_object(request)
         job = _speech_job(body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         item = SpeechRequest(job["prompt"], job["max_frames"], lambda e: loop.call_soon_threadsafe(
-            events.put_nowait, e), time.monotonic() + settings.request_timeout_seconds, id=uuid.uuid4().hex)
+            events.put_nowait, e), time.monotonic() + settings.request_timeout_seconds, id=uuid.uuid4().hex,
+            playback_rate=job["speed"])
         try:
             engine.submit(item)
         except QueueFull as error:
@@ -253,8 +258,11 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         try:
             while True:
                 final = not isinstance(event, Audio)
-                if isinstance(event, Failed):
-                    log.warning("request %s ended early: %s", item.id, event.message)
+                if isinstance(event, Failed) and not sse:
+                    # The status went out with the first audio: drop the connection without the final
+                    # chunk, so that the client sees an incomplete body rather than a short, clean one.
+                    completed = True  # ended by the engine, not by the client
+                    raise StreamAborted(f"request {item.id} ended early: {event.message}")
                 audio = event.samples if isinstance(event, Audio) else np.zeros(0, np.float32)
                 if speed is not None:
                     audio = speed.push(audio, final=final)
@@ -326,6 +334,7 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         return {"prompt": prompt, "max_frames": min(max_frames, room), "format": fmt,
                 "sse": stream_format == "sse", "speed": float(speed)}
 
+    app.include_router(v1)
     return app
 
 

@@ -99,6 +99,7 @@ class SpeechRequest:
     id: str = ""
     created: float = field(default_factory=time.monotonic)
     cancelled: bool = False               # set by the client side; the engine frees the slot at its next turn
+    playback_rate: float = 1.0            # audio seconds the client plays per second (its speed change)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -334,7 +335,8 @@ class Engine:
         now = time.monotonic()
         for row in self.running.rows:
             played = now - (row.first_audio if row.first_audio is not None else now)
-            if row.audio_samples / self.sample_rate - played < self.config.min_slack_seconds:
+            ahead = row.audio_samples / self.sample_rate / row.request.playback_rate - played
+            if ahead < self.config.min_slack_seconds:
                 return True
         return False
 
