@@ -77,7 +77,8 @@ def test_continuous_batching_streams_what_offline_generation_makes(artifact_dir:
     offline generation + decode makes for it alone (trim off; chunks only move boundaries)."""
     backend = max_backend(artifact_dir, extra_voices_dir=tiny_voices)
     sampling = SamplingConfig(do_sample=False, repetition_window=8)
-    engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5, 8)), sampling)
+    engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5, 8), min_seconds=0),
+                    sampling)
     engine.start()
     try:
         voices = [Voice.load(p) for p in sorted(tiny_voices.iterdir())][:2]
@@ -96,6 +97,30 @@ def test_continuous_batching_streams_what_offline_generation_makes(artifact_dir:
         engine.stop()
 
 
+def test_no_empty_answers(artifact_dir: Path, tiny_voices: Path) -> None:
+    """[speech_end] is held back until min_seconds of audio: a text never gets an empty stream."""
+    backend = max_backend(artifact_dir, extra_voices_dir=tiny_voices)
+    end_logits: list[float] = []  # what the sampler saw for [speech_end], step by step
+    sample = backend.sample
+
+    def watched(logits, recent, sampling, generator):
+        end_logits.append(float(logits[0, backend.tokenizer.speech_end_id]))
+        return sample(logits, recent, sampling, generator)
+
+    backend.sample = watched
+    engine = Engine(backend, EngineConfig(trim_leading_silence=False, min_seconds=0.3),
+                    SamplingConfig(do_sample=False, repetition_window=8))
+    engine.start()
+    try:
+        done = run_engine(engine, [tts_prompt(backend.tokenizer, "Hi.")], max_frames=60)[0][-1]
+    finally:
+        engine.stop()
+    min_frames = round(0.3 * backend.codec.frame_rate)
+    assert done.frames >= min_frames
+    assert all(v == -np.inf for v in end_logits[:min_frames])
+    assert all(np.isfinite(v) for v in end_logits[min_frames:])
+
+
 def test_trimming_drops_only_leading_silence(artifact_dir: Path, tiny_voices: Path) -> None:
     backend = max_backend(artifact_dir, extra_voices_dir=tiny_voices)
     sampling = SamplingConfig(do_sample=False, repetition_window=8)
@@ -103,7 +128,8 @@ def test_trimming_drops_only_leading_silence(artifact_dir: Path, tiny_voices: Pa
     prompt = tts_prompt(backend.tokenizer, "Hello there.", voice.text, voice.codes)
     streams = {}
     for trim in (False, True):
-        engine = Engine(backend, EngineConfig(trim_leading_silence=trim, silence_threshold_db=-30), sampling)
+        engine = Engine(backend, EngineConfig(trim_leading_silence=trim, silence_threshold_db=-30,
+                                              min_seconds=0), sampling)
         engine.start()
         try:
             streams[trim] = joined(run_engine(engine, [prompt], max_frames=60)[0])

@@ -3,8 +3,10 @@ request's first audio leaves early, with each request's codes decoded to audio c
 
     submit() ─► waiting ─► admit: prefill the newcomers together, sample their first code ─► warming group
     warming group: stepped first, alone (a small batch: fast steps) until each row's first chunk is out
-    ─► running group: everyone else, stepped when no newcomer waits or when a row's audio is about to run
-       out (less than `min_slack_seconds` decoded ahead of real-time playback)
+    ─► running group: everyone else, stepped when no newcomer waits, when a row's audio is about to run out
+       (less than `min_slack_seconds` decoded ahead of real-time playback, but not yet behind it: a stream
+       already behind, as on an overloaded machine, waits for the newcomers' first chunks like the rest),
+       and at least once every `max_running_skips` steps
     each step: one forward over the group's KV cache ─► sample ─► codes into each row's chunk ─► a full chunk
     (schedule `chunk_frames`: small first, then larger) is decoded with left context (codec stream state) ─►
     leading silence trimmed, boundary moved to the quietest frame near the chunk's end ─► the request's sink
@@ -23,6 +25,7 @@ own thread; sinks are called from it and must only hand the event over (e.g. to 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -48,6 +51,7 @@ class EngineConfig:
     chunk_frames: tuple[int, ...] = (5, 10, 20, 40)  # codes per audio chunk, the last size repeats
     min_slack_seconds: float = 0.5       # step the running group when a row has less audio than this ahead
     max_running_skips: int = 8           # ... and at least every this many warming steps
+    min_seconds: float = 0.2             # [speech_end] is not sampled before this much audio (never empty)
     trim_leading_silence: bool = True
     silence_threshold_db: float = -40.0
     silence_frame_seconds: float = 0.01
@@ -152,6 +156,7 @@ class Engine:
         self.sample_rate = backend.codec.sample_rate
         self.hop = backend.codec.hop_length
         self.frame_length = max(1, round(config.silence_frame_seconds * self.sample_rate))
+        self.min_frames = round(config.min_seconds * backend.codec.frame_rate)
         self.generator = None
         if sampling.seed is not None and not sampling.greedy:
             self.generator = torch.Generator().manual_seed(sampling.seed)
@@ -299,6 +304,9 @@ class Engine:
 
     def _sample(self, group: Group, logits: Tensor) -> Group | None:
         """Choose each row's next token, hand out full chunks, and drop the rows that finished."""
+        too_short = torch.tensor([row.frames < self.min_frames for row in group.rows])
+        if too_short.any():  # a model that ends at once would answer a text with silence
+            logits[too_short, self.tok.speech_end_id] = -math.inf
         tokens = self.backend.sample(logits, group.recent, self.sampling, self.generator)
         group.last_token = tokens
         if group.recent.shape[1]:
@@ -336,7 +344,7 @@ class Engine:
         for row in self.running.rows:
             played = now - (row.first_audio if row.first_audio is not None else now)
             ahead = row.audio_samples / self.sample_rate / row.request.playback_rate - played
-            if ahead < self.config.min_slack_seconds:
+            if 0 <= ahead < self.config.min_slack_seconds:
                 return True
         return False
 
