@@ -393,7 +393,6 @@ class Engine:
 
     def _decode_chunk(self, row: Row, final: bool) -> None:
         codes, row.pending = row.pending, []
-        row.chunk_index += 1
         audio = np.zeros(0, np.float32)
         if codes:
             decoded, row.stream_state = self.backend.decoder.stream(
@@ -401,9 +400,10 @@ class Engine:
             audio = decoded[0].float().cpu().numpy()
         if row.leading and self.config.trim_leading_silence:
             audio = self._trim_leading(row, audio, final)
-            if audio is None:
+            if audio is None:  # all silence so far: look again after another first-size chunk
                 return
         row.leading = False
+        row.chunk_index += 1  # the schedule (small first chunk, then larger) starts at the first sound
         audio = np.concatenate([row.held, audio]) if len(row.held) else audio
         row.held = np.zeros(0, np.float32)
         if not final and row.first_audio is not None:
