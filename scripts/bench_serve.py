@@ -17,9 +17,9 @@ end and sends the next. Texts (the distinct sentences of the corpus split) and v
 list) go round-robin, so both backends get the same requests in the same order.
 
 Per request: time to the first audio byte (TTFA), time until 2 s of audio arrived (None for shorter audio),
-total time, audio seconds, status. Errors: a non-200, an exception, a stream without audio, and a stream the
-server ended early (deadline, engine error). Such a pcm stream ends like a complete one, so it is found by
-its X-Request-Id in the server's log ("request <id> ended early: ..."). The deadline is
+total time, audio seconds, status. Errors: a non-200, an exception (the server drops the connection of a
+stream it ends early: deadline, engine error), a stream without audio; as a second net, a request whose
+X-Request-Id the server's log names ("request <id> ended early: ..."). The deadline is
 api.request_timeout_seconds (120 s) and includes the queue wait: on a small CPU box the highest level may
 need a larger one, e.g. api.request_timeout_seconds=600.
 
@@ -349,6 +349,7 @@ def plot(summaries: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend()
+    left.set_yscale("log")  # tens of ms alone, tens of seconds when queued: one axis shows both
     left.set_title("TTFA")
     right.set_title("throughput")
     fig.tight_layout()
