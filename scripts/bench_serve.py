@@ -18,8 +18,7 @@ list) go round-robin, so both backends get the same requests in the same order.
 
 Per request: time to the first audio byte (TTFA), time until 2 s of audio arrived (None for shorter audio),
 total time, audio seconds, status. Errors: a non-200, an exception (the server drops the connection of a
-stream it ends early: deadline, engine error), a stream without audio; as a second net, a request whose
-X-Request-Id the server's log names ("request <id> ended early: ..."). The deadline is
+stream it ends early: deadline, engine error), a stream without audio. The deadline is
 api.request_timeout_seconds (120 s) and includes the queue wait: on a small CPU box the highest level may
 need a larger one, e.g. api.request_timeout_seconds=600.
 
@@ -37,11 +36,8 @@ import asyncio
 import json
 import os
 import platform
-import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -53,21 +49,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from voxlm.serve.process import ServerProcess, pause, resume, start_server, stop_server, wait_healthy
+
 BACKENDS = ("max", "torch")
 LABELS = {"max": "MAX", "torch": "PyTorch"}
 WARMUP_REQUESTS = 2
 TWO_SECONDS = 2.0
-ENDED_EARLY = re.compile(r"request ([0-9a-f]+) ended early: (.*)")  # voxlm.serve.app's warning
-
-
-@dataclass
-class Server:
-    backend: str
-    command: list[str]
-    process: subprocess.Popen
-    url: str
-    log: Path
 
 
 @dataclass
@@ -91,63 +78,13 @@ class Sample:
 
 # --- servers ----------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_command(backend: str, args: argparse.Namespace, port: int) -> list[str]:
+def server_overrides(backend: str, args: argparse.Namespace) -> list[str]:
     model = ([f"artifact={args.artifact}"] if backend == "max"
              else ["backend=torch", f"checkpoint={args.checkpoint}", f"codec={args.codec}"])
-    return [sys.executable, str(ROOT / "serve.py"), *model, f"port={port}",
-            f"api.voices_dir={args.voices_dir}", *args.overrides]
+    return [*model, f"api.voices_dir={args.voices_dir}", *args.overrides]
 
 
-def start_server(backend: str, args: argparse.Namespace) -> Server:
-    port = free_port()
-    command = server_command(backend, args, port)
-    log = args.out_dir / f"bench_serve.{backend}.log"
-    # A file, not a pipe: a pipe nobody reads would fill up and stall the server.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    return Server(backend, command, process, f"http://127.0.0.1:{port}", log)
-
-
-def wait_healthy(server: Server, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise SystemExit(f"serve.py ({server.backend}) exited:\n{server.log.read_text()[-2000:]}")
-        try:
-            response = httpx.get(f"{server.url}/health", timeout=2)
-            if response.status_code == 200 and response.json().get("status") == "ok":
-                return response.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"serve.py ({server.backend}) was not healthy after {timeout:.0f} s; see {server.log}")
-
-
-def pause(server: Server) -> None:
-    server.process.send_signal(signal.SIGSTOP)
-
-
-def resume(server: Server) -> None:
-    server.process.send_signal(signal.SIGCONT)
-
-
-def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        resume(server)  # a stopped process would not act on SIGTERM
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
-def cpu_seconds(server: Server) -> float:
+def cpu_seconds(server: ServerProcess) -> float:
     """User + system CPU time the server process has used so far (all its threads), from /proc."""
     try:
         fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -156,7 +93,7 @@ def cpu_seconds(server: Server) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def list_voices(server: Server) -> list[str]:
+def list_voices(server: ServerProcess) -> list[str]:
     response = httpx.get(f"{server.url}/v1/voices", timeout=10)
     response.raise_for_status()
     return [voice["id"] for voice in response.json()["data"]]
@@ -204,8 +141,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     return 0.0
 
 
-async def run_level(server: Server, concurrency: int, requests: int, texts: list[str], voices: list[str],
-                    sample_rate: int, timeout: float) -> tuple[list[Sample], float]:
+async def run_level(server: ServerProcess, concurrency: int, requests: int, texts: list[str],
+                    voices: list[str], sample_rate: int, timeout: float) -> tuple[list[Sample], float]:
     """A closed loop of `concurrency` clients sharing `requests` requests; (samples, wall seconds)."""
     samples: list[Sample] = []
     jobs = iter(range(requests))
@@ -214,7 +151,7 @@ async def run_level(server: Server, concurrency: int, requests: int, texts: list
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in jobs:
             voice, text_index = voices[i % len(voices)], i % len(texts)
-            sample = Sample(server.backend, concurrency, i, voice, text_index,
+            sample = Sample(server.name, concurrency, i, voice, text_index,
                             time.perf_counter() - level_start)
             samples.append(sample)
             body = {"model": "tts-1", "input": texts[text_index], "voice": voice, "response_format": "pcm"}
@@ -226,22 +163,15 @@ async def run_level(server: Server, concurrency: int, requests: int, texts: list
     return sorted(samples, key=lambda s: s.index), time.perf_counter() - level_start
 
 
-def warm(server: Server, texts: list[str], voices: list[str], sample_rate: int, timeout: float) -> None:
+def warm(server: ServerProcess, texts: list[str], voices: list[str], sample_rate: int,
+         timeout: float) -> None:
     """A couple of unmeasured requests, one after the other."""
     for i in range(WARMUP_REQUESTS):
         one_text, one_voice = [texts[i % len(texts)]], [voices[i % len(voices)]]
         samples, _ = asyncio.run(run_level(server, 1, 1, one_text, one_voice, sample_rate, timeout))
         if samples[0].error:
-            raise SystemExit(f"warm-up request to {server.backend} failed: {samples[0].error}; "
+            raise SystemExit(f"warm-up request to {server.name} failed: {samples[0].error}; "
                              f"see {server.log}")
-
-
-def mark_ended_early(server: Server, samples: list[Sample]) -> None:
-    """Streams the server's log says it ended early count as errors (the client saw a normal end)."""
-    reasons = dict(ENDED_EARLY.findall(server.log.read_text(errors="replace")))
-    for sample in samples:
-        if sample.error is None and sample.request_id in reasons:
-            sample.error = f"ended early: {reasons[sample.request_id]}"
 
 
 # --- results ----------------------------------------------------------------------------------------------
@@ -388,7 +318,7 @@ def requests_for(level: int, args: argparse.Namespace) -> int:
     return args.requests or min(max(8, 2 * level), max(args.max_requests, level))
 
 
-def measure(servers: dict[str, Server], args: argparse.Namespace, texts: list[str], voices: list[str],
+def measure(servers: dict[str, ServerProcess], args: argparse.Namespace, texts: list[str], voices: list[str],
             sample_rate: int) -> tuple[dict[str, dict[int, dict[str, Any]]], list[Sample]]:
     """Every level on both backends, one at a time, the order alternating per level."""
     summaries: dict[str, dict[int, dict[str, Any]]] = {backend: {} for backend in BACKENDS}
@@ -402,7 +332,6 @@ def measure(servers: dict[str, Server], args: argparse.Namespace, texts: list[st
             cpu_before = cpu_seconds(server), cpu_seconds(idle)
             level_samples, wall = asyncio.run(run_level(server, level, requests_for(level, args), texts,
                                                         voices, sample_rate, args.timeout))
-            mark_ended_early(server, level_samples)
             summary = summarize(level_samples, wall)
             summary["server_cpu_seconds"] = cpu_seconds(server) - cpu_before[0]
             summary["idle_server_cpu_seconds"] = cpu_seconds(idle) - cpu_before[1]
@@ -420,10 +349,11 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     texts = load_texts(args.corpus, args.split, args.sentences)
     info = machine_info()
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     try:
         for backend in BACKENDS:  # both start at once: startup is not measured
-            servers[backend] = start_server(backend, args)
+            servers[backend] = start_server(backend, server_overrides(backend, args),
+                                            args.out_dir / f"bench_serve.{backend}.log")
         health = {backend: wait_healthy(server, args.startup_timeout) for backend, server in servers.items()}
         sample_rate = health["max"]["sample_rate"]
         if health["torch"]["sample_rate"] != sample_rate:

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections import Counter
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
-from voxlm.speechlm.voices import Voice, save_voice
+from voxlm.speechlm.voices import save_voice, voice_from_audio
 
 
 def make_voices(cfg: DictConfig, data_cfg: DictConfig) -> list[str]:
@@ -29,10 +28,8 @@ def make_voices(cfg: DictConfig, data_cfg: DictConfig) -> list[str]:
         item = dataset[i]
         if item is None:  # unreadable audio: skipped and counted by the dataset
             continue
-        codes = codec.encode(torch.from_numpy(item.audio)[None])[0].numpy()
         name = speaker if cfg.per_speaker == 1 else f"{speaker}-{saved[speaker]}"
-        voice = Voice(name, item.text, codes, codec.codebook_size, codec.frame_rate, codec.sample_rate,
-                      speaker)
+        voice = voice_from_audio(codec, item.audio, item.text, name, speaker)
         folder = save_voice(voice, cfg.out, item.audio)
         saved[speaker] += 1
         names.append(name)

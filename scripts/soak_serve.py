@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -26,35 +25,13 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from voxlm.serve.process import start_server, stop_server, wait_healthy
+
 TEXTS = [
     "Hello there.", "The quick brown fox jumps over the lazy dog.", "Please call Stella.",
     "It is a beautiful morning.", "Where did you put the keys?", "We will meet again tomorrow at noon.",
     "The train leaves in ten minutes.", "Thank you very much for your help.",
 ]
-
-
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = args.port
-    command = [sys.executable, str(ROOT / "serve.py"), f"artifact={args.artifact}", f"port={port}",
-               f"engine.max_active_streams={args.slots}", f"engine.max_queue={args.queue}", *args.overrides]
-    log = Path(args.out).with_suffix(".server.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    # A file, not a pipe: a pipe nobody reads would fill up and stall the server.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"serve.py exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("serve.py did not become healthy in 180 s")
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, voice: str, text: str, sample_rate: int) -> str:
@@ -149,7 +126,6 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", default="artifacts/quickstart")
     parser.add_argument("--url", help="an already running server (then --artifact is not used)")
-    parser.add_argument("--port", type=int, default=8077)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--disconnects", type=int, default=200)
@@ -160,11 +136,15 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="serve.py overrides, e.g. sampling.seed=1")
     args = parser.parse_args()
 
-    process = None
+    server = None
     if args.url:
         url = args.url
     else:
-        process, url = start_server(args)
+        overrides = [f"artifact={args.artifact}", f"engine.max_active_streams={args.slots}",
+                     f"engine.max_queue={args.queue}", *args.overrides]
+        server = start_server("max", overrides, Path(args.out).with_suffix(".server.log"))
+        url = server.url
+        wait_healthy(server, timeout=180)
     try:
         health = pool_state(url)
         voices = [v["id"] for v in httpx.get(f"{url}/v1/voices").json()["data"]]
@@ -184,12 +164,8 @@ def main() -> int:
             statuses[response.status_code] += 1
         alive = pool_state(url)["status"] == "ok"
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        if server is not None:
+            stop_server(server)
 
     bars = {
         "no 5xx, no lost or truncated stream": outcomes["ok"] == args.requests,

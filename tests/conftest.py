@@ -3,7 +3,6 @@ seconds) and shared by every test that needs real data."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -191,15 +190,10 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(*overrides: str) -> RunningServer:
     import uvicorn
 
+    from voxlm.serve.process import free_port
     from voxlm.serve.server import build_server
 
     port = free_port()

@@ -20,8 +20,9 @@ import pytest
 import soundfile as sf
 from conftest import GREEDY, SENTENCE_A, RunningServer, start_server
 
+from voxlm.export.kernels import silence_trim_reference
 from voxlm.serve.backends import max_backend
-from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, SpeechRequest
+from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, Row, SpeechRequest
 from voxlm.serve.formats import SpeedChanger, available_formats, wav_header
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.sequences import tts_prompt
@@ -142,6 +143,33 @@ def test_trimming_drops_only_leading_silence(artifact_dir: Path, tiny_voices: Pa
         assert 20 * np.log10(np.sqrt(np.mean(full[:dropped] ** 2)) + 1e-10) < -30
 
 
+def test_leading_silence_is_trimmed_within_its_budget(artifact_dir: Path, tiny_voices: Path,
+                                                      speech: dict[str, tuple[np.ndarray, int]]) -> None:
+    """Real speech after 0.3 s of digital silence: the silence goes (up to the kernel's hangover), an
+    all-silent chunk is held back, and no more than max_leading_silence_seconds is ever dropped."""
+    backend = max_backend(artifact_dir, extra_voices_dir=tiny_voices)
+    config = EngineConfig(silence_threshold_db=-40, max_leading_silence_seconds=0.5)
+    engine = Engine(backend, config, SamplingConfig(do_sample=False, repetition_window=8))
+    rate, frame = backend.codec.sample_rate, engine.frame_length
+    recording = speech["slt_a"][0]
+    onset = silence_trim_reference(recording, frame, config.silence_threshold_db, 0).start
+    voiced = recording[onset: onset + rate]  # starts with a voiced frame
+    silence = np.zeros(round(0.3 * rate), np.float32)
+
+    def new_row() -> Row:
+        return Row(SpeechRequest(np.zeros(1, np.int64), 1, lambda _: None, 0.0), None)
+
+    row = new_row()
+    kept = engine._trim_leading(row, np.concatenate([silence, voiced]), final=False)
+    dropped = len(silence) + len(voiced) - len(kept)
+    assert len(silence) - (config.silence_hangover_frames + 1) * frame <= dropped <= len(silence)
+    row = new_row()
+    assert engine._trim_leading(row, silence, final=False) is None  # nothing audible yet: wait
+    kept = engine._trim_leading(row, np.concatenate([silence, voiced]), final=False)
+    assert row.trimmed_samples == round(0.5 * rate)  # the budget, not the 0.6 s of silence
+    assert len(kept) == len(silence) + len(voiced) - (round(0.5 * rate) - len(silence))
+
+
 # ---- HTTP: the OpenAI client, formats, SSE ----
 
 def test_the_openai_client_streams_speech(max_server: RunningServer) -> None:
@@ -170,7 +198,7 @@ def test_every_response_format(max_server: RunningServer) -> None:
     assert pcm.status_code == 200 and len(pcm.content) % 2 == 0
     reference = np.frombuffer(pcm.content, "<i2").astype(np.float32) / 32767
     wav = speak(max_server.url, voice=voice, response_format="wav").content
-    with wave.open(io.BytesIO(wav[:44] + b"")) as header:  # the streamed header: 16-bit mono at our rate
+    with wave.open(io.BytesIO(wav[:44])) as header:  # the streamed header: 16-bit mono at our rate
         assert (header.getnchannels(), header.getsampwidth(), header.getframerate()) == (1, 2, rate)
     assert wav[44:] == pcm.content
     assert set(available_formats()) >= {"wav", "pcm", "flac"}

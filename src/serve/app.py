@@ -207,8 +207,9 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
             file.write(data)
             file.flush()
             try:
-                voice, audio = encode_voice(_Encoding(backend), file.name, transcript, name,
-                                            preprocess=Preprocess(**settings.voice_preprocess))
+                voice, audio = encode_voice(backend.codec, file.name, transcript, name,
+                                            preprocess=Preprocess(**settings.voice_preprocess),
+                                            encoder=backend.encoder)
             except Exception as error:  # soundfile/libsndfile: any unreadable upload
                 raise ApiError(400, f"could not read the uploaded audio ({error}): send a wav, flac, ogg "
                                "or mp3 file", "file") from None
@@ -336,19 +337,6 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
 
     app.include_router(v1)
     return app
-
-
-class _Encoding:
-    """What encode_voice needs of a codec (sample_rate, encode, codebook facts), on the backend's encoder."""
-
-    def __init__(self, backend: Backend) -> None:
-        codec = backend.codec
-        self.sample_rate, self.codebook_size = codec.sample_rate, codec.codebook_size
-        self.frame_rate, self.quantizer = codec.frame_rate, codec.quantizer
-        self._encoder = backend.encoder
-
-    def encode(self, audio: Any) -> Any:
-        return self._encoder.encode(audio)
 
 
 def _sse_delta(payload: bytes) -> bytes:

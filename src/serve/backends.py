@@ -42,7 +42,7 @@ class Backend:
     tokenizer: SpeechTokenizer
     codec: Codec                      # config (rates, codebook) and, for torch, the decoder itself
     decoder: Any                      # .init_stream(1), .stream(codes [1, n], state) -> (audio, state)
-    encoder: Any                      # .encode(audio [1, T]) -> codes [1, F]
+    encoder: Any                      # .encode(audio tensor [1, T]) -> codes [1, F]
     voices_dirs: list[Path]           # where saved voices are looked up, first match wins
     model_id: str                     # what /v1/models lists
     trim: Callable[[np.ndarray, int, float, int], TrimResult]  # (audio, frame_length, threshold_db, hangover)
@@ -101,11 +101,6 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
     def from_tensors(tensors: list[Tensor]) -> DynamicCache:
         return DynamicCache(ddp_cache_data=list(zip(tensors[0::2], tensors[1::2], strict=True)))
 
-    class Encoder:  # the codec's encode on numpy/tensor input, as MaxCodecEncoder takes it
-        @staticmethod
-        def encode(audio: Any) -> Tensor:
-            return codec.encode(torch.as_tensor(np.asarray(audio), dtype=torch.float32, device=device))
-
     allowed = allowed_tokens(tok, model.config.vocab_size).to(device)
 
     def sample(logits: Tensor, recent: Tensor, sampling: SamplingConfig,
@@ -113,6 +108,6 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
         return next_tokens(logits, allowed, recent, sampling, generator)
 
     dirs = [Path(voices_dir)] if voices_dir else []
-    return Backend("torch", model, tok, codec, codec, Encoder(), dirs,
+    return Backend("torch", model, tok, codec, codec, codec, dirs,
                    model_id or f"voxlm-torch-{Path(checkpoint).resolve().name}", silence_trim_reference,
                    to_tensors, from_tensors, sample)

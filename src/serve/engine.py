@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from voxlm.serve.backends import Backend
 from voxlm.speechlm.generate import SamplingConfig, left_pad
@@ -165,6 +166,7 @@ class Engine:
         self.warming: Group | None = None
         self.running: Group | None = None
         self.steps = 0
+        self._running_skips = 0  # warming steps since the running group's last step
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -173,25 +175,18 @@ class Engine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Run every kernel once (a prefill, decode steps, codec chunks, the silence detector) so that no
-        request pays for a first call: MAX loads a graph's kernels and the Mojo kernel its library lazily."""
-        frames = max(self.config.chunk_frames) + 2
-        events: list[Event] = []
+        """Before `start`: run every kernel once (a prefill, decode steps, codec chunks, the silence detector)
+        so that no request pays for a first call: MAX loads a graph's kernels and the Mojo kernel its library
+        lazily."""
+        if self._thread is not None:
+            raise RuntimeError("warm the engine up before starting it")
         prompt = np.array([self.tok.bos_id, self.tok.text_start_id, self.tok.text_end_id,
                            self.tok.speech_start_id], dtype=np.int64)
-        self.submit(SpeechRequest(prompt, frames, events.append, time.monotonic() + 600, id="warmup"))
+        frames = max(self.config.chunk_frames) + 2
+        self.submit(SpeechRequest(prompt, frames, lambda _: None, time.monotonic() + 600, id="warmup"))
         self.backend.trim(np.zeros(self.frame_length * 4, np.float32), self.frame_length, -40.0, 0)
-        if self._thread is None:
-            while self.waiting or self.active:
-                self._drop_ended()
-                self._admit()
-                for which in ("warming", "running"):
-                    if getattr(self, which) is not None:
-                        self._step(which)
-                self._graduate()
-        else:
-            while not events or isinstance(events[-1], Audio):
-                time.sleep(0.01)
+        while self.waiting or self.active:
+            self._turn()
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="voxlm-engine", daemon=True)
@@ -229,7 +224,6 @@ class Engine:
 
     @torch.inference_mode()
     def _loop(self) -> None:
-        running_skips = 0
         while True:
             with self._wake:
                 if self._stop:
@@ -238,22 +232,27 @@ class Engine:
                     self._wake.wait(self.config.idle_wait_seconds)
                     continue
             try:
-                self._drop_ended()
-                self._admit()
-                if self.warming is not None:
-                    self._step("warming")
-                    self._graduate()
-                    running_skips += 1
-                if self.running is not None and (self.warming is None or self._running_short_of_audio()
-                                                 or running_skips >= self.config.max_running_skips):
-                    self._step("running")
-                    running_skips = 0
+                self._turn()
             except Exception as error:  # a failing step must not take the server down: fail its requests
                 log.exception("engine step failed")
                 self._fail_all(f"engine error: {error}")
             if self.metrics is not None:
                 self.metrics.engine_state(**self.stats())
         self._fail_all("the server is shutting down", status=503)
+
+    def _turn(self) -> None:
+        """One round: free ended slots, admit newcomers, step the warming group, and the running one when
+        its turn has come (see the module docstring)."""
+        self._drop_ended()
+        self._admit()
+        if self.warming is not None:
+            self._step("warming")
+            self._graduate()
+            self._running_skips += 1
+        if self.running is not None and (self.warming is None or self._running_short_of_audio()
+                                         or self._running_skips >= self.config.max_running_skips):
+            self._step("running")
+            self._running_skips = 0
 
     def _admit(self) -> None:
         """Prefill waiting requests, as many as there are free slots (up to max_prefill_batch), together."""
@@ -285,9 +284,8 @@ class Engine:
         group = self._sample(group, out.logits[:, -1].float())
         self.warming = self._merge(self.warming, group)
 
-    def _empty_cache(self) -> Any:
-        from transformers import DynamicCache
-
+    def _empty_cache(self) -> DynamicCache:
+        """What the sampler passes for "no past" (MaxSpeechLM takes it as such too)."""
         return DynamicCache(config=self.backend.model.config)
 
     def _step(self, which: str) -> None:
@@ -304,8 +302,8 @@ class Engine:
 
     def _sample(self, group: Group, logits: Tensor) -> Group | None:
         """Choose each row's next token, hand out full chunks, and drop the rows that finished."""
-        too_short = torch.tensor([row.frames < self.min_frames for row in group.rows])
-        if too_short.any():  # a model that ends at once would answer a text with silence
+        too_short = [i for i, row in enumerate(group.rows) if row.frames < self.min_frames]
+        if too_short:  # a model that ends at once would answer a text with silence
             logits[too_short, self.tok.speech_end_id] = -math.inf
         tokens = self.backend.sample(logits, group.recent, self.sampling, self.generator)
         group.last_token = tokens

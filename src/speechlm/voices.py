@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,18 +76,25 @@ class Voice:
 
 
 def encode_voice(codec: Codec, audio_path: str | Path, text: str, name: str, speaker: str | None = None,
-                 preprocess: Preprocess | None = None) -> tuple[Voice, np.ndarray]:
+                 preprocess: Preprocess | None = None, encoder: Any = None) -> tuple[Voice, np.ndarray]:
     """(the voice, the preprocessed audio it encodes) from a recording of `text` in any format and rate."""
     if not text.strip():
         raise ValueError(f"a voice needs the transcript of {audio_path}")
     audio, rate = load_audio(audio_path, codec.sample_rate)
     if preprocess is not None:
         audio = preprocess(audio, rate)
+    return voice_from_audio(codec, audio, text, name, speaker, encoder), audio
+
+
+def voice_from_audio(codec: Codec, audio: np.ndarray, text: str, name: str, speaker: str | None = None,
+                     encoder: Any = None) -> Voice:
+    """A voice from preprocessed audio at the codec's rate. `encoder`: what encodes it, e.g. the MAX
+    encoder of an artifact (anything with the codec's `encode(audio [1, T]) -> codes [1, F]`); default the
+    codec itself."""
     device = codec.quantizer.levels.device
-    codes = codec.encode(torch.from_numpy(audio)[None].to(device))[0].cpu().numpy().astype(np.int64)
-    voice = Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate,
-                  speaker)
-    return voice, audio
+    codes = (encoder or codec).encode(torch.from_numpy(audio)[None].to(device))[0]
+    codes = codes.cpu().numpy().astype(np.int64)
+    return Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate, speaker)
 
 
 def check_name(name: str) -> str:
