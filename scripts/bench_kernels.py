@@ -1,5 +1,5 @@
-"""Micro-benchmark of the Mojo custom ops (voxlm.export.kernels) against their NumPy references and, for the
-sampler, the PyTorch path built from generate.py's functions.
+"""Micro-benchmark of the Mojo custom ops (voxlm.export.kernels) against their references: NumPy, and for the
+sampler the PyTorch path built from generate.py's functions; cached attention against its PyTorch reference.
 
     .venv/bin/python scripts/bench_kernels.py [--out runs/bench/kernels.json] [--repeats 200]
 
@@ -7,7 +7,8 @@ Median wall-clock latency per call, as the server sees it: for the Mojo kernels 
 numpy inputs into MAX buffers and reading the outputs back. The graphs are compiled (or loaded from MAX's
 cache) before timing. Cases: silence detector on 1 s and 10 s of 16 kHz audio (20 ms frames); sampler at
 batch 1 and 8 over V = 1530 logits with a K = 1000 code block, with the serving filters (temperature, top-k,
-top-p, repetition penalty over 32 recent ids) and greedy. Prints a markdown table, writes JSON.
+top-p, repetition penalty over 32 recent ids) and greedy; cached attention for one quickstart SpeechLM layer
+at a decode step (batch 1 and 8). Prints a markdown table, writes JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def bench(repeats: int) -> list[dict[str, object]]:
                      ("torch", lambda a=t_args: K.sample_codes_torch(*a))]
             for impl, fn in impls:
                 rows.append({"kernel": "code_sampler", "case": case, "impl": impl, **time_call(fn, repeats)})
+
+    # One quickstart SpeechLM layer's attention (4 query heads, 2 KV heads, head size 64) at a decode step:
+    # the Mojo op appends to a preallocated cache, the PyTorch reference concatenates as HF's cache does.
+    heads, kv_heads, head_dim = 4, 2, 64
+    for batch, past, new in ((1, 400, 1), (8, 400, 1), (8, 800, 1)):
+        g = torch.Generator().manual_seed(batch + past)
+        qkv = torch.randn(batch, new, (heads + 2 * kv_heads) * head_dim, generator=g)
+        angles = torch.rand(batch, new, head_dim, generator=g)
+        mask = torch.ones(batch, past + new, dtype=torch.long)
+        k_past, v_past = (torch.randn(batch, kv_heads, past, head_dim, generator=g) for _ in range(2))
+        k_cache, v_cache = (torch.zeros(batch, kv_heads, past + 256, head_dim) for _ in range(2))
+        k_cache[:, :, :past], v_cache[:, :, :past] = k_past, v_past
+        args = (qkv, angles.cos(), angles.sin(), mask)
+        case = f"B={batch}, past {past}, {new} new"
+        impls = [("mojo", lambda a=args, c=(k_cache, v_cache): K.cached_attention(*a, *c, heads, kv_heads)),
+                 ("torch", lambda a=args, c=(k_past, v_past): K.cached_attention_reference(*a, *c, heads,
+                                                                                            kv_heads))]
+        for impl, fn in impls:
+            rows.append({"kernel": "cached_attention", "case": case, "impl": impl, **time_call(fn, repeats)})
     return rows
 
 
@@ -98,10 +118,9 @@ def table(rows: list[dict[str, object]]) -> str:
     lines = ["| kernel | case | Mojo (MAX) µs | NumPy µs | PyTorch µs | NumPy / Mojo | PyTorch / Mojo |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for (kernel, case), t in cases.items():
-        torch_us = f"{t['torch']:.0f}" if "torch" in t else "–"
-        torch_x = f"{t['torch'] / t['mojo']:.1f}x" if "torch" in t else "–"
-        lines.append(f"| {kernel} | {case} | {t['mojo']:.0f} | {t['numpy']:.0f} | {torch_us} | "
-                     f"{t['numpy'] / t['mojo']:.1f}x | {torch_x} |")
+        cells = [f"{t[impl]:.0f}" if impl in t else "–" for impl in ("numpy", "torch")]
+        ratios = [f"{t[impl] / t['mojo']:.1f}x" if impl in t else "–" for impl in ("numpy", "torch")]
+        lines.append(f"| {kernel} | {case} | {t['mojo']:.0f} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 

@@ -205,3 +205,83 @@ def test_params_from_sampling_config() -> None:
                                                             repetition_penalty=1.1), Tok())
     assert params == K.CodeSamplerParams(OFFSET, CODES, SPEECH_END, 0.7, 40, 0.9, 1.1)
     assert K.CodeSamplerParams.from_config(SamplingConfig(do_sample=False), Tok()).temperature == 0.0
+
+
+# ---------------------------------------------------------------- cached attention
+
+def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, D] as HF's LlamaRotaryEmbedding makes them (theta 10,000)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def attention_case(seed: int, batch: int, past: int, new: int, heads: int, kv_heads: int, head_dim: int,
+                   padding: list[int]) -> dict[str, torch.Tensor]:
+    """Random Q|K|V, a past, and a mask whose row b starts with padding[b] left-padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    for row, pad in enumerate(padding):
+        mask[row, :pad] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]
+    cos, sin = rope_tables(positions, head_dim)
+    return {"qkv": torch.randn(batch, new, (heads + 2 * kv_heads) * head_dim, generator=g), "cos": cos,
+            "sin": sin, "mask": mask, "k_past": torch.randn(batch, kv_heads, past, head_dim, generator=g),
+            "v_past": torch.randn(batch, kv_heads, past, head_dim, generator=g)}
+
+
+def caches_with_scratch(case: dict[str, torch.Tensor], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preallocated caches holding the past, NaN beyond it: a kernel that read or wrote past P + T would
+    turn the output or the scratch check into NaNs."""
+    caches = []
+    for past in (case["k_past"], case["v_past"]):
+        cache = torch.full((*past.shape[:2], capacity, past.shape[3]), float("nan"))
+        cache[:, :, :past.shape[2]] = past
+        caches.append(cache)
+    return caches[0], caches[1]
+
+
+@pytest.mark.parametrize("batch,past,new,heads,kv_heads,head_dim,padding", [
+    (1, 0, 7, 4, 2, 64, [0]),                 # prefill
+    (3, 0, 9, 4, 2, 64, [0, 4, 8]),           # left-padded prefill, one row with a single real token
+    (2, 33, 1, 4, 2, 64, [0, 10]),            # a decode step
+    (4, 20, 5, 2, 2, 16, [3, 0, 19, 0]),      # several new tokens after a past, no GQA, tiny's head size
+    (8, 400, 1, 4, 2, 64, [0] * 8),           # the quickstart model's serving shape
+])
+def test_cached_attention_matches_reference(batch: int, past: int, new: int, heads: int, kv_heads: int,
+                                            head_dim: int, padding: list[int]) -> None:
+    case = attention_case(batch + past, batch, past, new, heads, kv_heads, head_dim, padding)
+    capacity = past + new + 16
+    k_cache, v_cache = caches_with_scratch(case, capacity)
+    got = K.cached_attention(case["qkv"], case["cos"], case["sin"], case["mask"], k_cache, v_cache, heads,
+                             kv_heads)
+    want, keys, values = K.cached_attention_reference(**case, num_heads=heads, num_kv_heads=kv_heads)
+    real = case["mask"][:, past:].bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-6, rtol=1e-5)
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))      # padding queries: zeros, not NaN
+    torch.testing.assert_close(k_cache[:, :, :past + new], keys, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_cache[:, :, :past + new], values)
+    assert k_cache[:, :, past + new:].isnan().all() and v_cache[:, :, past + new:].isnan().all()
+
+
+def test_cached_attention_decode_steps_continue_the_cache() -> None:
+    """Prefill and 6 decode steps through one preallocated cache equal attention recomputed from scratch."""
+    heads, kv_heads, head_dim, batch = 4, 2, 64, 2
+    full = attention_case(7, batch, 0, 12, heads, kv_heads, head_dim, [0, 3])
+    k_cache, v_cache = caches_with_scratch(full, 32)
+    K.cached_attention(full["qkv"][:, :6], full["cos"][:, :6], full["sin"][:, :6], full["mask"][:, :6],
+                       k_cache, v_cache, heads, kv_heads)
+    want, _, _ = K.cached_attention_reference(full["qkv"], full["cos"], full["sin"], full["mask"],
+                                              full["k_past"], full["v_past"], heads, kv_heads)
+    for t in range(6, 12):
+        got = K.cached_attention(full["qkv"][:, t:t + 1], full["cos"][:, t:t + 1], full["sin"][:, t:t + 1],
+                                 full["mask"][:, :t + 1], k_cache, v_cache, heads, kv_heads)
+        torch.testing.assert_close(got[:, 0], want[:, t], atol=2e-6, rtol=1e-5)
+
+
+def test_cached_attention_refuses_a_short_cache() -> None:
+    case = attention_case(0, 1, 10, 1, 4, 2, 64, [0])
+    k_cache, v_cache = caches_with_scratch(case, 10)   # no room for the new token
+    with pytest.raises(ValueError, match="past \\+ new needs 11"):
+        K.cached_attention(case["qkv"], case["cos"], case["sin"], case["mask"], k_cache, v_cache, 4, 2)

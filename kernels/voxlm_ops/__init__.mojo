@@ -8,3 +8,4 @@
 # src/export/kernels.py and the parity tests in tests/test_kernels.py.
 from .silence import SilenceTrim
 from .sampler import CodeSampler
+from .attention import CachedAttention

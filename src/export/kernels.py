@@ -2,6 +2,8 @@
 
     silence_trim(audio [N] f32)            ─► voxlm_silence_trim  ─► TrimResult(start, end, rms_db [F])
     sample_codes(logits [B, V] f32, ...)   ─► voxlm_code_sampler  ─► token ids [B] int64
+    cached_attention(qkv, cos, sin, mask,  ─► voxlm_cached_attention ─► [B, T, H * D], caches appended
+                     k_cache, v_cache)
 
 Each op sits alone in a small MAX graph with dynamic dims (N; B, V, H), so ONE compiled graph serves every
 clip length and batch shape; graphs are compiled once per process (functools.cache) and their settings that
@@ -22,6 +24,10 @@ Semantics (the NumPy references below are the specification; the Mojo kernels ma
   ascending token-id order (the first id whose cumulative weight exceeds u * total). Temperature 0 is the
   argmax (ties: smallest id). Ties in top-p's ordering go to the smaller id; probabilities are float64.
   `sample_codes_torch` runs the same steps with generate.py's own torch functions: the benchmark baseline.
+- Cached attention: one SpeechLM layer's attention over a preallocated KV cache (the in-place decode graph of
+  voxlm.export.speechlm runs it once per layer); `cached_attention_reference` is the same computation the way
+  HF's Llama does it (rotate_half RoPE, concatenate past and new K/V, repeat K/V heads, masked softmax). The
+  op alone runs here through its own small graph, for the parity tests and the micro-benchmark.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import InferenceSession, Model
-from max.graph import DeviceRef, Dim, Graph, TensorType, ops
+from max.graph import BufferType, DeviceRef, Dim, Graph, TensorType, ops
 
 from voxlm.speechlm.generate import SamplingConfig, apply_repetition_penalty, filter_top_k, filter_top_p
 from voxlm.speechlm.tokenizer import SpeechTokenizer
@@ -226,6 +232,25 @@ def _sampler_model() -> Model:
     return _session().load(graph)
 
 
+@functools.cache
+def _attention_model(num_heads: int, num_kv_heads: int, head_dim: int) -> Model:
+    device = DeviceRef.CPU()
+    cache_type = BufferType(DType.float32, ["batch", num_kv_heads, "capacity", head_dim], device)
+    types = [TensorType(DType.float32, ["batch", "new", (num_heads + 2 * num_kv_heads) * head_dim], device),
+             TensorType(DType.float32, ["batch", "new", head_dim], device),
+             TensorType(DType.float32, ["batch", "new", head_dim], device),
+             TensorType(DType.int64, ["batch", "total"], device), cache_type, cache_type]
+    with Graph(f"voxlm_cached_attention_{num_heads}_{num_kv_heads}_{head_dim}", input_types=types,
+               custom_extensions=[KERNELS_PATH]) as graph:
+        out_type = TensorType(DType.float32, [Dim("batch"), Dim("new"), num_heads * head_dim], device)
+        (out,) = ops.inplace_custom("voxlm_cached_attention", device=device, values=list(graph.inputs),
+                                    out_types=[out_type], parameters={
+                                        "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+                                        "head_dim": head_dim})
+        graph.output(out)
+    return _session().load(graph)
+
+
 def compile_kernels(frame_length: int = 320) -> None:
     """Compile (or load from MAX's cache) both graphs now, e.g. at server start-up, not at a first request."""
     _silence_model(frame_length)
@@ -272,3 +297,47 @@ def sample_codes(logits: np.ndarray | torch.Tensor, history: np.ndarray | torch.
                                          _buffer(iparams), _buffer(fparams))
     out = tokens.to_numpy()
     return torch.from_numpy(out.copy()) if as_torch else out
+
+
+def cached_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                     num_kv_heads: int) -> torch.Tensor:
+    """The Mojo op alone (float32, CPU): attention output [B, T, H * D]; k_cache and v_cache [B, KV, C, D]
+    (contiguous) receive the new tokens' K and V at positions P .. P+T-1, where P = mask width - T.
+    qkv [B, T, (H + 2 KV) * D] is the fused projection; cos, sin [B, T, D]; mask [B, P + T] (1 = real)."""
+    if k_cache.shape[2] < mask.shape[1]:
+        raise ValueError(f"the cache holds {k_cache.shape[2]} positions; past + new needs {mask.shape[1]}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the caches must be contiguous: the op writes them in place")
+    model = _attention_model(num_heads, num_kv_heads, k_cache.shape[3])
+    inputs = [Buffer.from_dlpack(t.to(torch.float32).contiguous()) for t in (qkv, cos, sin)]
+    (out,) = model.execute(*inputs, Buffer.from_dlpack(mask.to(torch.int64).contiguous()),
+                           Buffer.from_dlpack(k_cache), Buffer.from_dlpack(v_cache))
+    return torch.from_dlpack(out)
+
+
+def cached_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                               k_past: torch.Tensor, v_past: torch.Tensor, num_heads: int,
+                               num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `cached_attention` computes, as HF's Llama attention does it: (output [B, T, H * D], and the
+    past + new K and V [B, KV, P + T, D] the cache must hold afterwards). Queries that see no key (left
+    padding) are given zeros, as the kernel gives them."""
+    B, T, _ = qkv.shape
+    D = k_past.shape[3]
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+    q, k, v = (x.reshape(B, T, -1, D).transpose(1, 2) for x in (q, k, v))
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+        return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+    q, k = rope(q), rope(k)
+    keys, values = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
+    P = k_past.shape[2]
+    group = num_heads // num_kv_heads
+    causal = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]           # [T, P+T]
+    visible = causal[None, None] & mask.bool()[:, None, None, :]                      # [B, 1, T, P+T]
+    scores = q @ keys.repeat_interleave(group, 1).transpose(2, 3) / math.sqrt(D)
+    weights = scores.float().masked_fill(~visible, -math.inf).softmax(-1).nan_to_num(0.0)
+    out = (weights.to(q.dtype) @ values.repeat_interleave(group, 1)).transpose(1, 2).reshape(B, T, -1)
+    return out, keys, values

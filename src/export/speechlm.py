@@ -1,21 +1,25 @@
-"""The SpeechLM (a stock transformers LlamaForCausalLM) as a Modular MAX graph, with an explicit KV cache.
+"""The SpeechLM (a stock transformers LlamaForCausalLM) as Modular MAX graphs, with an explicit KV cache.
 
-    input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], past K/V per layer [B, kv_heads, P, hd]
+    input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], past K/V per layer
     ─► embed ─► L x (RMSNorm ─► GQA attention with RoPE over past+new ─► RMSNorm ─► SwiGLU) ─► last position
-    ─► RMSNorm ─► lm_head ─► logits [B, vocab] (float32), K/V per layer [B, kv_heads, P+T, hd]
+    ─► RMSNorm ─► lm_head ─► logits [B, vocab] (float32)
 
-B, T and P are dynamic dims, so ONE compiled graph serves prefill (P = 0: MAX accepts size-0 buffers) and
-single-token decode at any batch size. `MaxSpeechLM` wraps it so that it stands in for the Hugging Face model
-inside `voxlm.speechlm.generate.stream_codes` / `generate_codes`, unchanged: it takes the same keyword
-arguments, treats the sampler's initial empty DynamicCache as "no past", and hands back its own
-`MaxKVCache`, whose K/V stay MAX buffers between steps (only ids, mask, positions go in and the last
-position's logits come out).
+Two graphs with the same weights (B, T, P dynamic, so each serves any batch and length):
+- `build_graph`, the prefill graph: past K/V [B, kv_heads, P, hd] go in as inputs and past + new come out
+  (a concatenation). Prefill is P = 0 (MAX accepts size-0 buffers); on the GPU it also runs decode steps.
+- `build_decode_graph`, CPU decode steps: each layer's K/V live in preallocated buffers [B, kv_heads,
+  capacity, hd] that the Mojo op `voxlm_cached_attention` appends to in place while it attends. A step then
+  reads the cache once instead of copying it (the prefill graph's concat costs a full copy per step, which
+  made MAX slower than PyTorch at batch 8), and one op per layer replaces ~20 small ones.
+`MaxSpeechLM` wraps them so that they stand in for the Hugging Face model inside
+`voxlm.speechlm.generate.stream_codes` / `generate_codes`, unchanged: it takes the same keyword arguments,
+treats the sampler's initial empty DynamicCache as "no past", and hands back its own `MaxKVCache`, whose
+K/V stay MAX buffers between steps (only ids, mask, positions go in and the last position's logits come out).
 
 Why plain max.graph ops rather than MAX's llama3 pipeline and its paged KV cache: the sampler needs an
 HF-shaped call (left padding expressed by an attention mask, per-row positions, a cache object it passes
 back), which the paged-cache machinery does not offer; and a ~60-line forward that reads like the HF one is
-easy to check against it. The cost is that every step concatenates past and new K/V (a copy of the cache),
-which for this model's sizes (a few MB) is small next to the matmuls on CPU.
+easy to check against it.
 
 Pitfalls met while writing it (MAX 26.7, CPU):
 - a causal mask built from `ops.range`/`cumsum` index comparisons, then broadcast against the padding mask,
@@ -23,15 +27,16 @@ Pitfalls met while writing it (MAX 26.7, CPU):
 - -inf in the additive mask turns a fully masked row (a left-padding query) into NaN, which then leaks into
   real rows through 0 * NaN in the attention-weighted sum: masked scores get a large finite negative instead;
 - `x @ w.T` on HF's [out, in] weights re-transposed every weight on every call: they are stored [in, out].
-Checked on CPU in float32 (tests/test_export_speechlm.py); device="gpu" / bfloat16 are wired but untested.
+- `parallelize` inside the Mojo op costs more than a decode step's attention takes: it runs serially.
+Checked on CPU in float32 (tests/test_export_speechlm.py, tests/test_kernels.py); on the GPU see docs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +45,11 @@ import torch
 from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import CompiledModel, InferenceSession, Model
-from max.graph import DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
+from max.graph import BufferType, DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
 from torch import Tensor
 from transformers import LlamaConfig, PreTrainedModel
 
+from voxlm.export.kernels import KERNELS_PATH
 from voxlm.export.sessions import compile_once, device_ref, max_device
 
 MASKED = -1e9  # additive score for a key a query must not see (finite: see the module docstring)
@@ -79,62 +85,111 @@ class LlamaShape:
 # --- the graph ----------------------------------------------------------------------------------------------
 
 def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceRef | None = None) -> Graph:
-    """The Llama forward over a KV cache; weights named as in the HF state_dict, projections stored
-    transposed (see `weight_registry`), so one compiled graph serves any weights of this shape."""
+    """The Llama forward over a KV cache passed in and handed back (past + new, concatenated): prefill on
+    every device, and decode steps where the in-place graph does not run (GPU)."""
     device = device or DeviceRef.CPU()
     s = shape
     kv_type = TensorType(dtype, ["batch", s.num_kv_heads, "past", s.head_dim], device=device)
-    input_types = [TensorType(DType.int64, ["batch", "new"], device=device),     # input_ids
-                   TensorType(DType.int64, ["batch", "total"], device=device),   # attention_mask
-                   TensorType(DType.int64, ["batch", "new"], device=device)]     # position_ids
-    input_types += [kv_type] * (2 * s.num_layers)                                # past K, V of each layer
     key = hashlib.sha1(repr((s, dtype, device)).encode()).hexdigest()[:12]
 
-    def weight(name: str, *dims: int) -> TensorValue:
-        return graph.add_weight(Weight(name, dtype, list(dims), device=device))
-
-    def proj(name: str, d_in: int, d_out: int) -> TensorValue:
-        return weight(name, d_in, d_out)  # HF's [out, in], transposed by `weight_registry`
-
-    with Graph(f"speechlm_{key}", input_types=input_types) as graph:
+    with Graph(f"speechlm_{key}", input_types=token_inputs(device) + [kv_type] * (2 * s.num_layers)) as graph:
         ids, attention_mask, position_ids, *past = (value.tensor for value in graph.inputs)
         B, T = ids.shape
         P = past[0].shape[2]
         attention_mask = ops.rebind(attention_mask, [B, P + T], message="attention_mask must be [B, P+T]")
         bias = attention_bias(attention_mask, T, P, dtype, device)
         cos, sin = rope_tables(position_ids, s.head_dim, s.rope_theta, dtype, device)
+        weight = weights_of(graph, dtype, device)
 
-        embed = weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size)
-        x = ops.gather(embed, ids, axis=0)                                        # [B, T, H]
+        x = ops.gather(weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size), ids, axis=0)
         new_cache = []
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
-            h = ops.rms_norm(x, weight(p + "input_layernorm.weight", s.hidden_size), s.rms_norm_eps)
-            # Q, K and V in one matmul (and gate and up below): at decode's one token per row, a step is
-            # a chain of small matmuls whose count, more than their size, sets the latency.
+            qkv = fused_qkv(x, weight, p, s)
             q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-            qkv = h @ proj(p + "self_attn.qkv_proj.weight", s.hidden_size, q_dim + 2 * kv_dim)
             q, k, v = qkv[..., :q_dim], qkv[..., q_dim: q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
             q = rotate(heads(q, s.num_heads, s.head_dim), cos, sin)             # [B, heads, T, hd]
             k = ops.concat([past[2 * i], rotate(heads(k, s.num_kv_heads, s.head_dim), cos, sin)], axis=2)
             v = ops.concat([past[2 * i + 1], heads(v, s.num_kv_heads, s.head_dim)], axis=2)
             new_cache += [k, v]                                                   # [B, kv_heads, P+T, hd]
             y = attention(q, k, v, bias, s.num_kv_heads)                          # [B, T, heads * hd]
-            x = x + y @ proj(p + "self_attn.o_proj.weight", s.num_heads * s.head_dim, s.hidden_size)
-            h = ops.rms_norm(x, weight(p + "post_attention_layernorm.weight", s.hidden_size), s.rms_norm_eps)
-            gate_up = h @ proj(p + "mlp.gate_up_proj.weight", s.hidden_size, 2 * s.intermediate_size)
-            gate, up = gate_up[..., : s.intermediate_size], gate_up[..., s.intermediate_size:]
-            down = proj(p + "mlp.down_proj.weight", s.intermediate_size, s.hidden_size)
-            x = x + (ops.silu(gate) * up) @ down
-
-        # Only the last position's logits are used (the sampler asks for logits_to_keep=1): left padding puts
-        # every row's newest token there, and skipping the others saves most of a prefill's output layer.
-        last = ops.rms_norm(x[:, -1], weight("model.norm.weight", s.hidden_size), s.rms_norm_eps)
-        # lm_head is its own weight even when tied (the registry then binds the embedding to it): one graph
-        # then serves tied and untied models alike.
-        head = proj("lm_head.weight", s.hidden_size, s.vocab_size)
-        graph.output((last @ head).cast(DType.float32), *new_cache)
+            x = x + y @ weight(p + "self_attn.o_proj.weight", q_dim, s.hidden_size)
+            x = x + mlp(x, weight, p, s)
+        graph.output(last_logits(x, weight, s), *new_cache)
     return graph
+
+
+def build_decode_graph(shape: LlamaShape, dtype: DType = DType.float32) -> Graph:
+    """The same forward for the CPU's decode steps over a preallocated cache [B, kv_heads, capacity, hd] per
+    layer, which the Mojo op `voxlm_cached_attention` (kernels/voxlm_ops/attention.mojo) appends to in place
+    while it attends: the cache is read once per step, never copied, and one op per layer replaces the
+    head reshapes, RoPE, concats, matmuls, mask and softmax of `build_graph`. Only logits come out."""
+    device = DeviceRef.CPU()
+    s = shape
+    cache_type = BufferType(dtype, ["batch", s.num_kv_heads, "capacity", s.head_dim], device=device)
+    key = hashlib.sha1(repr((s, dtype, device)).encode()).hexdigest()[:12]
+
+    with Graph(f"speechlm_decode_{key}", input_types=token_inputs(device) + [cache_type] * (2 * s.num_layers),
+               custom_extensions=[KERNELS_PATH]) as graph:
+        ids, attention_mask, position_ids = (value.tensor for value in graph.inputs[:3])
+        cache = [value.buffer for value in graph.inputs[3:]]
+        B, T = ids.shape
+        cos, sin = rope_tables(position_ids, s.head_dim, s.rope_theta, dtype, device)
+        cos, sin = (table.reshape([B, T, s.head_dim]) for table in (cos, sin))
+        weight = weights_of(graph, dtype, device)
+
+        x = ops.gather(weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size), ids, axis=0)
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            (y,) = ops.inplace_custom(
+                "voxlm_cached_attention", device=device,
+                values=[fused_qkv(x, weight, p, s), cos, sin, attention_mask, cache[2 * i], cache[2 * i + 1]],
+                out_types=[TensorType(dtype, [B, T, s.num_heads * s.head_dim], device)],
+                parameters={"num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim})
+            x = x + y.tensor @ weight(p + "self_attn.o_proj.weight", s.num_heads * s.head_dim, s.hidden_size)
+            x = x + mlp(x, weight, p, s)
+        graph.output(last_logits(x, weight, s))
+    return graph
+
+
+def token_inputs(device: DeviceRef) -> list[TensorType]:
+    """input_ids [B, T], attention_mask [B, P+T] over past and new tokens, position_ids [B, T]."""
+    return [TensorType(DType.int64, ["batch", "new"], device=device),
+            TensorType(DType.int64, ["batch", "total"], device=device),
+            TensorType(DType.int64, ["batch", "new"], device=device)]
+
+
+def weights_of(graph: Graph, dtype: DType, device: DeviceRef) -> Callable[..., TensorValue]:
+    """weight(name, *dims): a graph weight named as in the HF state_dict, bound at init (`weight_registry`);
+    projections are [in, out], so one compiled graph serves any weights of this shape."""
+    def weight(name: str, *dims: int) -> TensorValue:
+        return graph.add_weight(Weight(name, dtype, list(dims), device=device))
+    return weight
+
+
+def fused_qkv(x: TensorValue, weight: Callable[..., TensorValue], p: str, s: LlamaShape) -> TensorValue:
+    """RMSNorm, then Q, K and V in one matmul [B, T, (heads + 2 kv_heads) * hd]: at decode's one token per
+    row, a step is a chain of small matmuls whose count, more than their size, sets the latency."""
+    h = ops.rms_norm(x, weight(p + "input_layernorm.weight", s.hidden_size), s.rms_norm_eps)
+    qkv_dim = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+    return h @ weight(p + "self_attn.qkv_proj.weight", s.hidden_size, qkv_dim)
+
+
+def mlp(x: TensorValue, weight: Callable[..., TensorValue], p: str, s: LlamaShape) -> TensorValue:
+    """RMSNorm, then SwiGLU with gate and up in one matmul."""
+    h = ops.rms_norm(x, weight(p + "post_attention_layernorm.weight", s.hidden_size), s.rms_norm_eps)
+    gate_up = h @ weight(p + "mlp.gate_up_proj.weight", s.hidden_size, 2 * s.intermediate_size)
+    gate, up = gate_up[..., : s.intermediate_size], gate_up[..., s.intermediate_size:]
+    return (ops.silu(gate) * up) @ weight(p + "mlp.down_proj.weight", s.intermediate_size, s.hidden_size)
+
+
+def last_logits(x: TensorValue, weight: Callable[..., TensorValue], s: LlamaShape) -> TensorValue:
+    """float32 logits [B, vocab] of the last position only: the sampler asks for logits_to_keep=1, left
+    padding puts every row's newest token there, and skipping the others saves most of a prefill's output
+    layer. lm_head is its own weight even when tied (the registry then binds the embedding to it), so one
+    graph serves tied and untied models alike."""
+    last = ops.rms_norm(x[:, -1], weight("model.norm.weight", s.hidden_size), s.rms_norm_eps)
+    return (last @ weight("lm_head.weight", s.hidden_size, s.vocab_size)).cast(DType.float32)
 
 
 def heads(x: TensorValue, num_heads: int, head_dim: int) -> TensorValue:
@@ -194,14 +249,19 @@ def attention(q: TensorValue, k: TensorValue, v: TensorValue, bias: TensorValue,
 
 # --- compile once, bind weights, run ----------------------------------------------------------------------
 
-
-
 def compiled_graph(shape: LlamaShape, dtype: str = "float32",
                    device: str = "cpu") -> tuple[InferenceSession, CompiledModel]:
     """(session, compiled graph) for a model shape, compiled at most once per process (and served from MAX's
     on-disk cache, ~1.5 s, when this graph was compiled before)."""
     ref = device_ref(device)
     return compile_once(("speechlm", shape, dtype), device, lambda: build_graph(shape, DTYPES[dtype][0], ref))
+
+
+def compiled_decode_graph(shape: LlamaShape,
+                          dtype: str = "float32") -> tuple[InferenceSession, CompiledModel]:
+    """The CPU's in-place decode graph, compiled at most once per process."""
+    return compile_once(("speechlm_decode", shape, dtype), "cpu",
+                        lambda: build_decode_graph(shape, DTYPES[dtype][0]))
 
 
 def weight_registry(state_dict: Mapping[str, Tensor], shape: LlamaShape, dtype: str,
@@ -251,12 +311,32 @@ def load_state_dict(folder: Path) -> dict[str, Tensor]:
 
 @dataclass
 class MaxKVCache:
-    """Each layer's K and V, [B, kv_heads, P, hd] MAX buffers, as the graph returned them."""
+    """Each layer's K and V as MAX buffers (K0, V0, K1, V1, ...), [B, kv_heads, capacity, hd], of which the
+    first `length` positions hold the past.
 
-    layers: list[Buffer]  # K0, V0, K1, V1, ...
+    From the prefill graph (and on the GPU), capacity = length: the graph returns fresh buffers each call.
+    On the CPU, decode steps append in place to preallocated buffers (capacity > length, the rest scratch)
+    that borrow `host` tensors' memory. Every cache over the same buffers shares `written`, how far they were
+    written, so continuing a cache that was already continued (which would overwrite the newer one's
+    positions) is refused rather than silently corrupted; `crop` rewinds explicitly.
+    """
+
+    layers: list[Buffer]
+    length: int
+    host: list[Tensor] | None = None
+    written: list[int] = field(default_factory=lambda: [0])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.layers[0].shape[2])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.layers[0].shape[2])
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first max_length positions (negative: drop that many), as DynamicCache.crop."""
+        self.length = max_length if max_length >= 0 else self.length + max_length
+        self.written[0] = self.length
 
 
 @dataclass
@@ -268,12 +348,14 @@ class MaxLMOutput:
 class MaxSpeechLM:
     """The SpeechLM running on MAX, called like the HF model by `stream_codes` / `generate_codes`.
 
+    The first call (an empty or no cache) runs the prefill graph. Later calls run the in-place decode graph
+    on the CPU, and the prefill graph with the past passed in on the GPU (the Mojo attention op is CPU-only).
     `device` (the torch device the sampler keeps its tensors on) is always the host: logits come back to it
     each step, while the KV cache stays on the MAX device.
     """
 
     def __init__(self, config: LlamaConfig, state_dict: Mapping[str, Tensor], device: str = "cpu",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", cache_headroom: int = 256) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.config = config
@@ -281,10 +363,16 @@ class MaxSpeechLM:
         self.max_device = max_device(device)
         self.dtype = dtype
         self.device = torch.device("cpu")
-        session, compiled = compiled_graph(self.shape, dtype, device)
-        # Kept alive on self: the MAX model borrows these tensors' memory rather than copying it.
+        self.in_place = device == "cpu"
+        self.cache_headroom = cache_headroom  # positions allocated beyond need when an in-place cache grows
+        # Kept alive on self: the MAX models borrow these tensors' memory rather than copying it.
         self._weights = weight_registry(state_dict, self.shape, dtype, config.tie_word_embeddings)
+        session, compiled = compiled_graph(self.shape, dtype, device)
         self.model: Model = session.init(compiled, weights_registry=self._weights)
+        self.decode_model: Model | None = None
+        if self.in_place:
+            session, compiled = compiled_decode_graph(self.shape, dtype)
+            self.decode_model = session.init(compiled, weights_registry=self._weights)
 
     @classmethod
     def from_pretrained(cls, folder_or_model: str | Path | PreTrainedModel, device: str = "cpu",
@@ -297,12 +385,6 @@ class MaxSpeechLM:
         folder = speechlm_folder(folder_or_model)
         return cls(LlamaConfig.from_pretrained(str(folder)), load_state_dict(folder), device, dtype)
 
-    def empty_cache(self, batch: int) -> MaxKVCache:
-        """P = 0: size-0 buffers, so prefill runs through the same graph as decode."""
-        s = self.shape
-        empty = torch.zeros(batch, s.num_kv_heads, 0, s.head_dim, dtype=DTYPES[self.dtype][1])
-        return MaxKVCache([Buffer.from_dlpack(empty).to(self.max_device) for _ in range(2 * s.num_layers)])
-
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                  cache: Any = None, use_cache: bool = True, logits_to_keep: int = 1, **_: Any) -> MaxLMOutput:
         """One forward over the new tokens input_ids [B, T]; attention_mask [B, P+T] covers past and new."""
@@ -312,11 +394,58 @@ class MaxSpeechLM:
             # The sampler's first call hands an empty DynamicCache: no past.
             if cache is not None and cache.get_seq_length() != 0:
                 raise ValueError("a non-empty HF cache cannot be continued on MAX; start from an empty one")
-            cache = self.empty_cache(len(input_ids))
+            cache = self.cache_from_tensors([torch.zeros(len(input_ids), self.shape.num_kv_heads, 0,
+                                                         self.shape.head_dim, dtype=DTYPES[self.dtype][1])]
+                                            * (2 * self.shape.num_layers), in_place=False)
+        elif cache.written[0] != cache.length:
+            raise ValueError(f"this cache ({cache.length} positions) was continued already, to "
+                             f"{cache.written[0]}: continue the newest one, or crop() this one first")
+        new_tokens = input_ids.shape[1]
+        if attention_mask.shape != (len(input_ids), cache.length + new_tokens):
+            raise ValueError(f"attention_mask must be [B, past + new] = [{len(input_ids)}, "
+                             f"{cache.length + new_tokens}], got {list(attention_mask.shape)}")
         inputs = [self._to_device(t) for t in (input_ids, attention_mask, position_ids)]
-        logits, *layers = self.model.execute(*inputs, *cache.layers)
+        if self.in_place and cache.length > 0:
+            cache = self._with_room(cache, new_tokens)
+            (logits,) = self.decode_model.execute(*inputs, *cache.layers)
+            cache.written[0] = cache.length + new_tokens
+            cache = MaxKVCache(cache.layers, cache.length + new_tokens, cache.host, cache.written)
+        else:
+            if cache.capacity != cache.length:  # the prefill graph reads every position it is given
+                cache = self.cache_from_tensors(self.cache_tensors(cache), in_place=False)
+            logits, *layers = self.model.execute(*inputs, *cache.layers)
+            cache = MaxKVCache(layers, cache.length + new_tokens)
+            cache.written[0] = cache.length
         logits = torch.from_dlpack(logits.to(CPU()) if self.max_device != CPU() else logits)
-        return MaxLMOutput(logits[:, None], MaxKVCache(layers))
+        return MaxLMOutput(logits[:, None], cache)
+
+    def cache_tensors(self, cache: MaxKVCache) -> list[Tensor]:
+        """Each layer's K and V as host tensors [B, kv_heads, P, hd] (views of the buffers on the CPU)."""
+        on_host = (b if self.max_device == CPU() else b.to(CPU()) for b in cache.layers)
+        return [torch.from_dlpack(b)[:, :, :cache.length] for b in on_host]
+
+    def cache_from_tensors(self, tensors: list[Tensor], in_place: bool | None = None) -> MaxKVCache:
+        """A cache holding these [B, kv_heads, P, hd] tensors (copied): an in-place one with room to grow
+        on the CPU, else buffers of exactly their size."""
+        length = int(tensors[0].shape[2])
+        if self.in_place if in_place is None else in_place:
+            capacity = length + self.cache_headroom
+            host = [torch.empty(*t.shape[:2], capacity, t.shape[3], dtype=t.dtype) for t in tensors]
+            for room, t in zip(host, tensors, strict=True):
+                room[:, :, :length] = t
+            cache = MaxKVCache([Buffer.from_dlpack(t) for t in host], length, host)
+        else:
+            host = [t.contiguous() for t in tensors]  # the buffers may borrow this memory
+            cache = MaxKVCache([Buffer.from_dlpack(t).to(self.max_device) for t in host], length, host)
+        cache.written[0] = length
+        return cache
+
+    def _with_room(self, cache: MaxKVCache, new_tokens: int) -> MaxKVCache:
+        """The cache itself when it is in place with room for new_tokens more, else an in-place copy with
+        cache_headroom to spare (a copy every cache_headroom steps costs far less than one per step)."""
+        if cache.host is not None and cache.capacity >= cache.length + new_tokens:
+            return cache
+        return self.cache_from_tensors(self.cache_tensors(cache), in_place=True)
 
     def _to_device(self, t: Tensor) -> Buffer | Tensor:
         t = t.to("cpu", torch.int64).contiguous()

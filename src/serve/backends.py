@@ -59,22 +59,10 @@ class Backend:
 def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir: str | Path | None = None,
                 model_id: str | None = None) -> Backend:
     """The artifact's MAX graphs (verified against its manifest, no compile) and the Mojo silence kernel."""
-    from max.driver import CPU, Buffer
-
     from voxlm.export.build import load_artifact
-    from voxlm.export.speechlm import MaxKVCache
 
     loaded = load_artifact(artifact_dir, device=device)
     model = loaded.speechlm
-
-    def to_tensors(cache: MaxKVCache) -> list[Tensor]:
-        return [torch.from_dlpack(b if model.max_device == CPU() else b.to(CPU())) for b in cache.layers]
-
-    def from_tensors(tensors: list[Tensor]) -> MaxKVCache:
-        tensors = [t.contiguous() for t in tensors]
-        cache = MaxKVCache([Buffer.from_dlpack(t).to(model.max_device) for t in tensors])
-        cache.keepalive = tensors  # the buffers may borrow these tensors' memory
-        return cache
 
     def sample(logits: Tensor, recent: Tensor, sampling: SamplingConfig,
                generator: torch.Generator | None) -> Tensor:
@@ -86,7 +74,7 @@ def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir:
     dirs = [Path(extra_voices_dir)] if extra_voices_dir else []
     return Backend("max", model, loaded.tokenizer, loaded.codec, loaded.decoder, loaded.encoder,
                    dirs + [loaded.voices_dir], model_id or f"voxlm-{loaded.manifest['key']}", silence_trim,
-                   to_tensors, from_tensors, sample)
+                   model.cache_tensors, model.cache_from_tensors, sample)
 
 
 def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = "cpu", dtype: str = "float32",
