@@ -239,9 +239,14 @@ def test_a_tampered_artifact_is_refused(artifact_dir: Path, tmp_path: Path) -> N
 
 def test_the_parity_gate_catches_a_perturbed_weight(workspace: Path, tiny_corpus: Path,
                                                     sft_runs: dict[str, Path], artifact_dir: Path) -> None:
-    out = workspace / "artifacts/perturbed"
+    out, report = workspace / "artifacts/perturbed", workspace / "parity-report"
     result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"out={out}",
-                    "parity.perturb=0.01")
+                    "parity.perturb=0.01", f"parity.report={report}")
     assert result.returncode == 1
     assert "speechlm logits_max_abs" in result.stderr and "no artifact written" in result.stderr
     assert not out.exists() and not list(out.parent.glob(".perturbed*"))  # not even a partial folder
+    # parity.report keeps the measured values of a refused export (how the GPU's bf16 numbers were read)
+    measured = json.loads((report / "parity.json").read_text())
+    assert measured["complete"] and not measured["passed"]
+    logits = next(c for c in measured["checks"] if c["metric"] == "logits_max_abs")
+    assert logits["value"] > logits["threshold"] and not logits["passed"]

@@ -3,8 +3,9 @@
 #
 #   voxlm_silence_trim  frame RMS in dBFS + trim points of the voiced region (streaming server)
 #   voxlm_code_sampler  fused code-block sampler over SpeechLM logits (decode hot path)
+#   voxlm_cached_attention  RoPE + in-place KV-cache append + GQA attention (the SpeechLM's decode graph)
 #
-# Both ops run on the CPU (`target` is "cpu"); NumPy references with the same semantics live in
+# All ops run on the CPU (`target` is "cpu"); NumPy references with the same semantics live in
 # src/export/kernels.py and the parity tests in tests/test_kernels.py.
 from .silence import SilenceTrim
 from .sampler import CodeSampler

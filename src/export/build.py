@@ -71,7 +71,7 @@ def max_models(speechlm_dir: Path, codec: Codec, device: str, dtype: str, pertur
 
 
 def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: Codec,
-               models: dict) -> list[parity.Check]:
+               models: dict, title: str = "Parity") -> list[parity.Check]:
     gate = cfg.parity
     thresholds = OmegaConf.to_container(gate.thresholds[cfg.dtype])
     cases = build_cases(cfg.data, gate.split, gate.reference_split, codec.sample_rate, int(gate.utterances),
@@ -79,9 +79,25 @@ def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: C
     prompts = [case_prompt(tok, codec, case) for case in cases]
     checks = parity.speechlm_checks(torch_model, models["speechlm"], tok, prompts, thresholds,
                                     int(gate.decode_steps), int(gate.greedy_tokens))
+    write_report(gate.get("report"), checks, title, complete=False)  # kept if the codec checks then break
     checks += parity.codec_checks(codec, models["decoder"], models["encoder"], [case.audio for case in cases],
                                   thresholds, list(gate.stream_chunk_frames))
+    write_report(gate.get("report"), checks, title, complete=True)
     return checks
+
+
+def write_report(folder: str | Path | None, checks: list[parity.Check], title: str, complete: bool) -> None:
+    """parity.report=<folder>: the measured values, passed or not, as parity.json + parity.md there (outside
+    the artifact, which a failing check still keeps from being written). Nothing when the option is null."""
+    if not folder:
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [check.row() for check in checks]
+    write_json({"title": title, "complete": complete, "passed": complete and all(r["passed"] for r in rows),
+                "checks": rows}, folder / "parity.json")
+    (folder / "parity.md").write_text(parity.report_markdown(checks, title if complete else
+                                                             f"{title} (SpeechLM checks only)"))
 
 
 def export_artifact(cfg: DictConfig) -> Path:
@@ -101,10 +117,10 @@ def export_artifact(cfg: DictConfig) -> Path:
         try:
             models = max_models(speechlm_dir, codec, cfg.device, cfg.dtype, float(cfg.parity.perturb))
             compile_seconds = time.perf_counter() - started
-            checks = run_parity(cfg, torch_model, tok, codec, models)
+            title = f"Parity: {speechlm_dir} + {codec_dir} on {cfg.device}/{cfg.dtype}"
+            checks = run_parity(cfg, torch_model, tok, codec, models, title)
         finally:
             sessions.use_mefs()  # later graphs in this process compile as usual
-        title = f"Parity: {speechlm_dir} + {codec_dir} on {cfg.device}/{cfg.dtype}"
         table = parity.report_markdown(checks, title)
         print(table)
         parity.raise_on_failure(checks)  # before anything but graphs was written: the folder is discarded
