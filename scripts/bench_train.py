@@ -39,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
+import torch
 
 SPLITS = ("train", "val")
 
@@ -78,65 +80,58 @@ def make_text(path: Path, lines: int, words_per_line: int, seed: int) -> None:
             f.write(" ".join("".join(rng.choice(letters, n)) for n in lengths) + "\n")
 
 
-class StepTimer:
-    """A Lightning callback (built lazily, so `shards` and `summarize` need no lightning): wall time and
-    tokens at each optimizer step, peak GPU memory; written to `path` at the end or on an exception."""
+class StepTimer(L.Callback):
+    """Wall time and tokens at each optimizer step, and peak GPU memory; written to `path` at the end of
+    training or on an exception."""
 
-    def __new__(cls, path: Path, warmup_steps: int):  # noqa: D102
-        import lightning as L
-        import torch
+    def __init__(self, path: Path, warmup_steps: int) -> None:
+        self.path, self.warmup = Path(path), warmup_steps
+        self.steps: list[dict] = []
+        self.tokens, self.seen_step, self.start = 0, 0, None
+        self.marks: dict[str, dict] = {}
 
-        class _Timer(L.Callback):
-            def __init__(self) -> None:
-                self.path, self.warmup = Path(path), warmup_steps
-                self.steps: list[dict] = []
-                self.tokens, self.seen_step, self.start = 0, 0, None
-                self.marks: dict[str, dict] = {}
+    def _sync(self, trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
 
-            def _sync(self, trainer) -> None:
-                if trainer.strategy.root_device.type == "cuda":
-                    torch.cuda.synchronize(trainer.strategy.root_device)
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._sync(trainer)
+        self.start = time.perf_counter()
+        self.seen_step = trainer.global_step
 
-            def on_train_start(self, trainer, pl_module) -> None:
-                self._sync(trainer)
-                self.start = time.perf_counter()
-                self.seen_step = trainer.global_step
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += int(getattr(pl_module, "_batch_tokens", 0))
+        step = trainer.global_step
+        if step == self.seen_step:
+            return  # a micro-batch inside gradient accumulation
+        self.seen_step = step
+        synced = step == self.warmup or step >= trainer.max_steps > 0
+        if synced:
+            self._sync(trainer)
+        now = time.perf_counter() - self.start
+        self.steps.append({"step": step, "seconds": round(now, 4), "tokens": self.tokens})
+        if synced:
+            self.marks["warmup_end" if step == self.warmup else "last"] = self.steps[-1]
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                self.tokens += int(getattr(pl_module, "_batch_tokens", 0))
-                step = trainer.global_step
-                if step == self.seen_step:
-                    return  # a micro-batch inside gradient accumulation
-                self.seen_step = step
-                synced = step == self.warmup or step >= trainer.max_steps > 0
-                if synced:
-                    self._sync(trainer)
-                now = time.perf_counter() - self.start
-                self.steps.append({"step": step, "seconds": round(now, 4), "tokens": self.tokens})
-                if synced:
-                    self.marks["warmup_end" if step == self.warmup else "last"] = self.steps[-1]
+    def _write(self, trainer, error: str | None) -> None:
+        info = {"device": str(trainer.strategy.root_device), "warmup_steps": self.warmup,
+                "steps": self.steps, "marks": self.marks, "error": error,
+                "max_steps": trainer.max_steps,
+                "accumulate_grad_batches": trainer.accumulate_grad_batches}
+        if trainer.strategy.root_device.type == "cuda":
+            device = trainer.strategy.root_device
+            total = torch.cuda.get_device_properties(device).total_memory
+            info |= {"gpu": torch.cuda.get_device_name(device), "gpu_memory_total_gib": total / 2**30,
+                     "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                     "max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(info, indent=2) + "\n")
 
-            def _write(self, trainer, error: str | None) -> None:
-                info = {"device": str(trainer.strategy.root_device), "warmup_steps": self.warmup,
-                        "steps": self.steps, "marks": self.marks, "error": error,
-                        "max_steps": trainer.max_steps,
-                        "accumulate_grad_batches": trainer.accumulate_grad_batches}
-                if trainer.strategy.root_device.type == "cuda":
-                    device = trainer.strategy.root_device
-                    total = torch.cuda.get_device_properties(device).total_memory
-                    info |= {"gpu": torch.cuda.get_device_name(device), "gpu_memory_total_gib": total / 2**30,
-                             "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                             "max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.write_text(json.dumps(info, indent=2) + "\n")
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, None)
 
-            def on_train_end(self, trainer, pl_module) -> None:
-                self._write(trainer, None)
-
-            def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-                self._write(trainer, f"{type(exception).__name__}: {str(exception)[:500]}")
-
-        return _Timer()
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._write(trainer, f"{type(exception).__name__}: {str(exception)[:500]}")
 
 
 def run_training(train_args: list[str], timing: Path, warmup_steps: int, no_save: bool) -> None:
@@ -154,8 +149,6 @@ def run_training(train_args: list[str], timing: Path, warmup_steps: int, no_save
 
     stage.build_trainer = build_timed_trainer
     if no_save:
-        import lightning as L
-
         def finish_without_saving(trainer, module, tok, run_dir, extra) -> None:
             summary = module.training_summary()
             write_metrics(run_dir, {**summary, **extra, "steps": trainer.global_step, "hf": None,

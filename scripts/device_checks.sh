@@ -4,8 +4,6 @@
 # or runs out of time loses nothing of the steps before it.
 #
 #   bash scripts/device_checks.sh prepare       # on the CPU box: copy what the checks read into .devdata/
-#   bash scripts/device_checks.sh precompile    # on the CPU box (optional, slow): compile the GPU graphs in
-#                                               # MAX's virtual device mode (sm_90a) into .devdata/modular-cache
 #   bash scripts/device_checks.sh [STEP ...]    # on the device; default: env train export bench
 #   DEVICE=cpu bash scripts/device_checks.sh    # dry run of the same steps on the CPU, tiny sizes
 #
@@ -42,10 +40,7 @@ prepare() {
   set -e
   local py=${PY:-.venv/bin/python}
   grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >> .git/info/exclude
-  local keep_cache=""
-  [ -f $DATA/modular-cache.tar.gz ] && keep_cache=$(mktemp) && mv $DATA/modular-cache.tar.gz "$keep_cache"
   rm -rf $DATA && mkdir -p $DATA/runs/rlhf/quickstart/hf $DATA/runs/codec/quickstart
-  [ -n "$keep_cache" ] && mv "$keep_cache" $DATA/modular-cache.tar.gz
   # The SpeechLM (hf/ only), the codec (codec.pt + its config), the utterances of the quickstart tokenize run.
   cp runs/rlhf/quickstart/hf/{config.json,generation_config.json,model.safetensors,speech_layout.json} \
      runs/rlhf/quickstart/hf/{tokenizer.json,tokenizer_config.json} $DATA/runs/rlhf/quickstart/hf/
@@ -96,58 +91,8 @@ EOF
   echo "  .devdata: $((bytes / 1048576)) MiB (a device call carries 64 MiB in all, the working tree included)"
 }
 
-# ------------------------------------------------------------------------------------------ CPU box: precompile
-precompile() {
-  local py=${PY:-.venv/bin/python} cache=${PRECOMPILE_CACHE:-$HOME/.cache/voxlm-precompile}
-  mkdir -p "$cache"
-  MODULAR_CACHE_DIR=$cache nice -n 10 "$py" - "${PRECOMPILE_ARCH:-sm_90a}" \
-      ${PRECOMPILE_WHAT:-export bench-base} <<'EOF'
-"""MAX's virtual device mode compiles for a GPU target without one: graph or kernel errors for the target
-show up here, and MODULAR_CACHE_DIR keeps the result (carried to the device, it may save its compiles)."""
-import sys
-import time
-from pathlib import Path
-
-from max import driver
-
-driver.set_virtual_device_api("cuda")
-driver.set_virtual_device_target_arch(sys.argv[1])
-driver.set_virtual_device_count(1)
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from voxlm.codec.module import load_codec  # noqa: E402
-from voxlm.export import sessions  # noqa: E402
-from voxlm.export.build import max_models  # noqa: E402
-from voxlm.export.speechlm import LlamaShape, compiled_graph  # noqa: E402
-from voxlm.speechlm.model import llama_config  # noqa: E402
-
-started = time.time()
-for what in sys.argv[2:]:
-    if what.startswith("export"):  # exactly export.py's graphs: SpeechLM, codec decoder and encoder
-        dtype = "float32" if what == "export-f32" else "bfloat16"
-        sessions.use_mefs(export_to=f"/tmp/virtual-graphs-{dtype}")
-        max_models(Path(".devdata/runs/rlhf/quickstart/hf"), load_codec(".devdata/runs/codec/quickstart"),
-                   "gpu", dtype)
-        sessions.use_mefs()
-    elif what == "bench-base":      # bench_export.py --speechlm-preset base
-        cfg = OmegaConf.load("configs/speechlm/base.yaml").model
-        cfg.init_from = None
-        compiled_graph(LlamaShape.from_config(llama_config(cfg, 128256 + 7 + 65536)), "bfloat16", "gpu")
-    print(f"{what}: compiled for {sys.argv[1]} at {time.time() - started:.0f} s", flush=True)
-EOF
-  local rc=$?
-  # Only the compiled graphs travel (.max_cache: 7-23 MB each, ~7x smaller gzipped); the compiler's own
-  # caches (.mojo_cache, ~100 MB and more) stay here.
-  tar -czf $DATA/modular-cache.tar.gz -C "$cache" .max_cache
-  tar -tvzf $DATA/modular-cache.tar.gz | sed 's/^/  /'
-  du -sh $DATA/modular-cache.tar.gz $DATA
-  return $rc
-}
-
 case "${1:-}" in
   prepare) prepare; exit $? ;;
-  precompile) precompile; exit $? ;;
 esac
 
 # ------------------------------------------------------------------------------------------ device (or dry run)
@@ -169,10 +114,6 @@ fi
 if ! "$PY" -c "import voxlm" 2>/dev/null; then
   mkdir -p "$WORK/shim" && ln -sfn "$ROOT/src" "$WORK/shim/voxlm"
   export PYTHONPATH=$WORK/shim${PYTHONPATH:+:$PYTHONPATH}
-fi
-# Compiled MAX graphs carried from the CPU box (precompile), if any; kept for later calls on a warm machine.
-if [ -n "${MODULAR_CACHE_DIR:-}" ] && [ -f $DATA/modular-cache.tar.gz ]; then
-  mkdir -p "$MODULAR_CACHE_DIR" && tar -xzf $DATA/modular-cache.tar.gz -C "$MODULAR_CACHE_DIR" --skip-old-files
 fi
 printf 'step\trc\tseconds\n' > "$OUT/steps.tsv"
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from voxlm.export import kernels as K
 from voxlm.speechlm.generate import SamplingConfig, next_tokens
@@ -210,11 +212,9 @@ def test_params_from_sampling_config() -> None:
 # ---------------------------------------------------------------- cached attention
 
 def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, D] as HF's LlamaRotaryEmbedding makes them (theta 10,000)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos(), angles.sin()
+    """cos, sin [B, T, D] from HF's LlamaRotaryEmbedding (theta 10,000)."""
+    config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim, rope_theta=10000.0)
+    return LlamaRotaryEmbedding(config)(torch.zeros(1), positions)
 
 
 def attention_case(seed: int, batch: int, past: int, new: int, heads: int, kv_heads: int, head_dim: int,

@@ -25,8 +25,8 @@ Semantics (the NumPy references below are the specification; the Mojo kernels ma
   argmax (ties: smallest id). Ties in top-p's ordering go to the smaller id; probabilities are float64.
   `sample_codes_torch` runs the same steps with generate.py's own torch functions: the benchmark baseline.
 - Cached attention: one SpeechLM layer's attention over a preallocated KV cache (the in-place decode graph of
-  voxlm.export.speechlm runs it once per layer); `cached_attention_reference` is the same computation the way
-  HF's Llama does it (rotate_half RoPE, concatenate past and new K/V, repeat K/V heads, masked softmax). The
+  voxlm.export.speechlm runs it once per layer); `cached_attention_reference` is the same computation with
+  HF's Llama functions (apply_rotary_pos_emb, concatenated past and new K/V, repeat_kv, masked softmax). The
   op alone runs here through its own small graph, for the parity tests and the micro-benchmark.
 """
 
@@ -319,25 +319,22 @@ def cached_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ma
 def cached_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                                k_past: torch.Tensor, v_past: torch.Tensor, num_heads: int,
                                num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What `cached_attention` computes, as HF's Llama attention does it: (output [B, T, H * D], and the
-    past + new K and V [B, KV, P + T, D] the cache must hold afterwards). Queries that see no key (left
-    padding) are given zeros, as the kernel gives them."""
+    """What `cached_attention` computes, with HF's own Llama functions (apply_rotary_pos_emb, repeat_kv):
+    (output [B, T, H * D], and the past + new K and V [B, KV, P + T, D] the cache must hold afterwards).
+    Queries that see no key (left padding) are given zeros, as the kernel gives them."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
     B, T, _ = qkv.shape
     D = k_past.shape[3]
     q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
     q, k, v = (x.reshape(B, T, -1, D).transpose(1, 2) for x in (q, k, v))
-
-    def rope(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : D // 2], x[..., D // 2:]
-        return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
-
-    q, k = rope(q), rope(k)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     keys, values = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
     P = k_past.shape[2]
     group = num_heads // num_kv_heads
     causal = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]           # [T, P+T]
     visible = causal[None, None] & mask.bool()[:, None, None, :]                      # [B, 1, T, P+T]
-    scores = q @ keys.repeat_interleave(group, 1).transpose(2, 3) / math.sqrt(D)
+    scores = q @ repeat_kv(keys, group).transpose(2, 3) / math.sqrt(D)
     weights = scores.float().masked_fill(~visible, -math.inf).softmax(-1).nan_to_num(0.0)
-    out = (weights.to(q.dtype) @ values.repeat_interleave(group, 1)).transpose(1, 2).reshape(B, T, -1)
+    out = (weights.to(q.dtype) @ repeat_kv(values, group)).transpose(1, 2).reshape(B, T, -1)
     return out, keys, values

@@ -441,9 +441,10 @@ class MaxSpeechLM:
         return cache
 
     def _with_room(self, cache: MaxKVCache, new_tokens: int) -> MaxKVCache:
-        """The cache itself when it is in place with room for new_tokens more, else an in-place copy with
-        cache_headroom to spare (a copy every cache_headroom steps costs far less than one per step)."""
-        if cache.host is not None and cache.capacity >= cache.length + new_tokens:
+        """The cache itself when it has room for new_tokens more (only in-place caches have spare capacity),
+        else an in-place copy with cache_headroom to spare (a copy every cache_headroom steps costs far less
+        than one per step)."""
+        if cache.capacity >= cache.length + new_tokens:
             return cache
         return self.cache_from_tensors(self.cache_tensors(cache), in_place=True)
 
