@@ -17,13 +17,15 @@ end and sends the next. Texts (the distinct sentences of the corpus split) and v
 list) go round-robin, so both backends get the same requests in the same order.
 
 Per request: time to the first audio byte (TTFA), time until 2 s of audio arrived (None for shorter audio),
-total time, audio seconds, status. Errors: a non-200, an exception (the server drops the connection of a
+total time, audio seconds, status, and the playback stalls a listener would hear (seconds the audio ran out
+after it had started). Errors: a non-200, an exception (the server drops the connection of a
 stream it ends early: deadline, engine error), a stream without audio. The deadline is
 api.request_timeout_seconds (120 s) and includes the queue wait: on a small CPU box the highest level may
 need a larger one, e.g. api.request_timeout_seconds=600.
 
 Per (backend, concurrency): TTFA and time-to-2s p50/p90/p99 (over every stream that got that far), median
-RTF (total time / audio seconds), audio seconds per wall second and requests per second (these three over the
+RTF (total time / audio seconds), the share of streams that stalled (more than 10 ms) and the stall
+seconds p50/p90, audio seconds per wall second and requests per second (these three over the
 good requests), errors by kind, each server's CPU seconds; per level, MAX / PyTorch of the median TTFA.
 Writes bench_serve.json (every request too, and the machine), bench_serve.md (the tables printed at the end,
 for docs/benchmarks.md), bench_serve.png and the servers' logs to --out-dir.
@@ -55,6 +57,7 @@ BACKENDS = ("max", "torch")
 LABELS = {"max": "MAX", "torch": "PyTorch"}
 WARMUP_REQUESTS = 2
 TWO_SECONDS = 2.0
+STALL_S = 0.01
 
 
 @dataclass
@@ -74,6 +77,27 @@ class Sample:
     t2s_s: float | None = None   # time until 2 s of audio had arrived; None when the audio is shorter
     total_s: float | None = None
     audio_s: float = 0.0
+    stall_s: float = 0.0         # playback stalls: see `PlaybackClock`
+
+
+class PlaybackClock:
+    """A listener who starts playing at the first audio byte, plays in real time and pauses whenever the
+    audio runs out, until more arrives: the seconds paused (after the first audio) are the stream's stalls.
+    A server that answers first audio quickly by starving the streams already playing shows up here."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.bytes_per_second = 2 * sample_rate  # pcm s16 mono
+        self.started: float | None = None
+        self.buffered_s = 0.0  # audio received so far
+        self.stall_s = 0.0
+
+    def arrived(self, now: float, size: int) -> None:
+        if self.started is None:
+            self.started = now
+        else:
+            due = now - self.started - self.stall_s  # audio a listener would have played by now
+            self.stall_s += max(0.0, due - self.buffered_s)
+        self.buffered_s += size / self.bytes_per_second
 
 
 # --- servers ----------------------------------------------------------------------------------------------
@@ -114,6 +138,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     """Stream one speech request into `sample`; returns the seconds to wait before the next (Retry-After)."""
     two_seconds_bytes = int(TWO_SECONDS * sample_rate) * 2
     received = 0
+    playback = PlaybackClock(sample_rate)
     started = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
@@ -130,12 +155,14 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                 if received == 0:
                     sample.ttfa_s = now
                 received += len(chunk)
+                playback.arrived(now, len(chunk))
                 if sample.t2s_s is None and received >= two_seconds_bytes:
                     sample.t2s_s = now
     except httpx.HTTPError as error:
         sample.error = type(error).__name__
     sample.total_s = time.perf_counter() - started
     sample.audio_s = received / 2 / sample_rate
+    sample.stall_s = playback.stall_s
     if sample.error is None and received == 0:
         sample.error = "no audio"
     return 0.0
@@ -193,6 +220,9 @@ def summarize(samples: list[Sample], wall: float) -> dict[str, Any]:
         "ttfa_s": percentiles([s.ttfa_s for s in samples if s.ttfa_s is not None]),
         "t2s_s": percentiles([s.t2s_s for s in samples if s.t2s_s is not None]),
         "median_rtf": statistics.median(s.total_s / s.audio_s for s in good) if good else None,
+        # a stall under 10 ms is the client's own scheduling, not a gap a listener hears
+        "stalled_share": sum(s.stall_s > STALL_S for s in good) / len(good) if good else None,
+        "stall_s": percentiles([s.stall_s for s in good]),
         "audio_seconds": audio, "mean_audio_seconds": audio / len(good) if good else None,
         "wall_seconds": wall, "audio_seconds_per_second": audio / wall,
         "requests_per_second": len(good) / wall,
@@ -239,13 +269,16 @@ def markdown(summaries: dict[str, dict[int, dict[str, Any]]], ratios: dict[int, 
     lines = [f"`{command}` on {info['cpu']} ({info['cores']} cores; torch {info['torch']}, "
              f"MAX {info['max']}; the client on the same machine)", "",
              "| backend | clients | requests | errors | TTFA p50 / p90 / p99 ms "
-             "| first 2 s p50 / p90 / p99 ms | median RTF | audio s per s | requests per s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| first 2 s p50 / p90 / p99 ms | median RTF | streams stalled | stall p50 / p90 ms "
+             "| audio s per s | requests per s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for level in summaries["max"]:
         for backend in BACKENDS:
             s = summaries[backend][level]
             lines.append(f"| {LABELS[backend]} | {level} | {s['requests']} | {s['errors']} | "
                          f"{ms(s['ttfa_s'])} | {ms(s['t2s_s'])} | {fmt(s['median_rtf'])} | "
+                         f"{fmt(s['stalled_share'], 100, '.0f')}% | "
+                         f"{' / '.join(fmt(s['stall_s'][p], 1e3, '.0f') for p in ('p50', 'p90'))} | "
                          f"{s['audio_seconds_per_second']:.2f} | {s['requests_per_second']:.2f} |")
     lines += ["", "| clients | TTFA p50 MAX ms | TTFA p50 PyTorch ms | MAX / PyTorch |",
               "|---:|---:|---:|---:|"]
@@ -339,7 +372,8 @@ def measure(servers: dict[str, ServerProcess], args: argparse.Namespace, texts: 
             samples += level_samples
             print(f"{LABELS[backend]:>7} x{level:<3} {summary['requests']} requests in {wall:.1f} s, "
                   f"{summary['errors']} errors; TTFA p50/p90/p99 ms {ms(summary['ttfa_s'])}; "
-                  f"{summary['audio_seconds_per_second']:.2f} audio s/s", flush=True)
+                  f"{summary['audio_seconds_per_second']:.2f} audio s/s; "
+                  f"{fmt(summary['stalled_share'], 100, '.0f')}% of streams stalled", flush=True)
     return summaries, samples
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 import time
 import wave
@@ -248,6 +249,27 @@ def test_speed_changer_keeps_the_pitch() -> None:
 def test_wav_header_declares_an_open_length() -> None:
     header = wav_header(24000)
     assert len(header) == 44 and header[:4] == b"RIFF" and header[40:44] == b"\xff\xff\xff\xff"
+
+
+def test_the_load_benchmark_counts_playback_stalls() -> None:
+    """scripts/bench_serve.py's listener: plays from the first byte in real time; a late chunk is a stall of
+    exactly the time the audio had run out, and audio ahead of the clock is none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "scripts" /
+                                                  "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    second = 2 * 1000  # bytes of one second of pcm s16 at 1000 Hz
+    clock = bench.PlaybackClock(1000)
+    for arrival in (0.1, 0.3, 0.5, 0.7):  # 0.2 s of audio every 0.2 s: just in time
+        clock.arrived(arrival, second // 5)
+    assert clock.stall_s == pytest.approx(0.0)
+    clock.arrived(1.2, second // 5)  # the audio ran out at 0.9 s: 0.3 s of silence
+    clock.arrived(1.3, second)       # ahead of the clock again
+    clock.arrived(1.4, second // 5)
+    assert clock.stall_s == pytest.approx(0.3)
 
 
 # ---- voices ----

@@ -6,7 +6,8 @@
 
 Two graphs with the same weights (B, T, P dynamic, so each serves any batch and length):
 - `build_graph`, the prefill graph: past K/V [B, kv_heads, P, hd] go in as inputs and past + new come out
-  (a concatenation). Prefill is P = 0 (MAX accepts size-0 buffers); on the GPU it also runs decode steps.
+  (a concatenation); on the GPU it also runs decode steps. The CPU's variant takes no past (its prefill
+  starts from nothing, its steps run the decode graph) and hands the new K/V back without a concatenation.
 - `build_decode_graph`, CPU decode steps: each layer's K/V live in preallocated buffers [B, kv_heads,
   capacity, hd] that the Mojo op `voxlm_cached_attention` appends to in place while it attends. A step then
   reads the cache once instead of copying it (the prefill graph's concat costs a full copy per step, which
@@ -28,6 +29,10 @@ Pitfalls met while writing it (MAX 26.7, CPU):
   real rows through 0 * NaN in the attention-weighted sum: masked scores get a large finite negative instead;
 - `x @ w.T` on HF's [out, in] weights re-transposed every weight on every call: they are stored [in, out].
 - `parallelize` inside the Mojo op costs more than a decode step's attention takes: it runs serially.
+- slices and concatenations of activations are copied by a slow generic kernel: RoPE's rotate_half as
+  slice + concat cost 2.7 ms of a 460-token prefill, as a matmul by a signed permutation it is exact and
+  ~5x cheaper. With that, no past concatenation on the CPU and the last layer run for the last position
+  only, a 460-token prefill went from 28.0 to 18.7 ms (docs/benchmarks.md).
 Checked on CPU in float32 (tests/test_export_speechlm.py, tests/test_kernels.py); on the GPU see docs.
 """
 
@@ -84,18 +89,21 @@ class LlamaShape:
 
 # --- the graph ----------------------------------------------------------------------------------------------
 
-def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceRef | None = None) -> Graph:
-    """The Llama forward over a KV cache passed in and handed back (past + new, concatenated): prefill on
-    every device, and decode steps where the in-place graph does not run (GPU)."""
+def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceRef | None = None,
+                with_past: bool = True) -> Graph:
+    """The Llama forward over a KV cache passed in and handed back (past + new, concatenated): decode steps
+    where the in-place graph does not run (GPU), and prefill. `with_past=False` is the CPU's prefill graph:
+    no past inputs, so the new K/V are handed back as they are, without a concatenation's copy."""
     device = device or DeviceRef.CPU()
     s = shape
     kv_type = TensorType(dtype, ["batch", s.num_kv_heads, "past", s.head_dim], device=device)
-    key = hashlib.sha1(repr((s, dtype, device)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((s, dtype, device, with_past)).encode()).hexdigest()[:12]
+    past_types = [kv_type] * (2 * s.num_layers) if with_past else []
 
-    with Graph(f"speechlm_{key}", input_types=token_inputs(device) + [kv_type] * (2 * s.num_layers)) as graph:
+    with Graph(f"speechlm_{key}", input_types=token_inputs(device) + past_types) as graph:
         ids, attention_mask, position_ids, *past = (value.tensor for value in graph.inputs)
         B, T = ids.shape
-        P = past[0].shape[2]
+        P = past[0].shape[2] if with_past else Dim(0)
         attention_mask = ops.rebind(attention_mask, [B, P + T], message="attention_mask must be [B, P+T]")
         bias = attention_bias(attention_mask, T, P, dtype, device)
         cos, sin = rope_tables(position_ids, s.head_dim, s.rope_theta, dtype, device)
@@ -109,9 +117,16 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
             q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
             q, k, v = qkv[..., :q_dim], qkv[..., q_dim: q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
             q = rotate(heads(q, s.num_heads, s.head_dim), cos, sin)             # [B, heads, T, hd]
-            k = ops.concat([past[2 * i], rotate(heads(k, s.num_kv_heads, s.head_dim), cos, sin)], axis=2)
-            v = ops.concat([past[2 * i + 1], heads(v, s.num_kv_heads, s.head_dim)], axis=2)
+            k = rotate(heads(k, s.num_kv_heads, s.head_dim), cos, sin)
+            v = heads(v, s.num_kv_heads, s.head_dim)
+            if with_past:
+                k, v = ops.concat([past[2 * i], k], axis=2), ops.concat([past[2 * i + 1], v], axis=2)
             new_cache += [k, v]                                                   # [B, kv_heads, P+T, hd]
+            if i == s.num_layers - 1:
+                # Past the last layer's K/V only the last position matters (the logits are its alone):
+                # its attention, o_proj and MLP run for that position, not for all T (a 6-layer prefill
+                # saves a sixth of its work).
+                q, bias, x = q[:, :, -1:], bias[:, :, :, -1:], x[:, -1:]
             y = attention(q, k, v, bias, s.num_kv_heads)                          # [B, T, heads * hd]
             x = x + y @ weight(p + "self_attn.o_proj.weight", q_dim, s.hidden_size)
             x = x + mlp(x, weight, p, s)
@@ -210,10 +225,19 @@ def rope_tables(position_ids: TensorValue, head_dim: int, theta: float, dtype: D
 
 
 def rotate(x: TensorValue, cos: TensorValue, sin: TensorValue) -> TensorValue:
-    """RoPE in HF's rotate_half layout (the two halves of a head, not interleaved pairs)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + ops.concat([-x2, x1], axis=-1) * sin
+    """RoPE in HF's rotate_half layout (the two halves of a head, not interleaved pairs).
+
+    On the CPU, rotate_half(x) = [-x2, x1] is x @ a signed permutation matrix: each output is one input
+    times +-1 plus zeros, so it is exact, and ~5x faster than slicing and concatenating the halves (MAX 26.7
+    copies slices and concats with a slow generic kernel there). The GPU keeps the slices: a float32 matmul
+    may round its inputs through TF32 there, which would not be exact."""
+    half = int(x.shape[-1]) // 2
+    if x.device != DeviceRef.CPU():
+        return x * cos + ops.concat([-x[..., half:], x[..., :half]], axis=-1) * sin
+    swap = np.zeros((2 * half, 2 * half), np.float32)
+    swap[np.arange(half) + half, np.arange(half)] = -1.0   # out[:half] = -x[half:]
+    swap[np.arange(half), np.arange(half) + half] = 1.0    # out[half:] = x[:half]
+    return x * cos + (x @ ops.constant(swap, x.dtype, device=x.device)) * sin
 
 
 def attention_bias(attention_mask: TensorValue, T: Dim, P: Dim, dtype: DType,
@@ -253,8 +277,9 @@ def compiled_graph(shape: LlamaShape, dtype: str = "float32",
                    device: str = "cpu") -> tuple[InferenceSession, CompiledModel]:
     """(session, compiled graph) for a model shape, compiled at most once per process (and served from MAX's
     on-disk cache, ~1.5 s, when this graph was compiled before)."""
-    ref = device_ref(device)
-    return compile_once(("speechlm", shape, dtype), device, lambda: build_graph(shape, DTYPES[dtype][0], ref))
+    ref, with_past = device_ref(device), device != "cpu"  # the CPU decodes with build_decode_graph
+    return compile_once(("speechlm", shape, dtype), device,
+                        lambda: build_graph(shape, DTYPES[dtype][0], ref, with_past))
 
 
 def compiled_decode_graph(shape: LlamaShape,
@@ -411,9 +436,8 @@ class MaxSpeechLM:
             cache.written[0] = cache.length + new_tokens
             cache = MaxKVCache(cache.layers, cache.length + new_tokens, cache.host, cache.written)
         else:
-            if cache.capacity != cache.length:  # the prefill graph reads every position it is given
-                cache = self.cache_from_tensors(self.cache_tensors(cache), in_place=False)
-            logits, *layers = self.model.execute(*inputs, *cache.layers)
+            past = [] if self.in_place else cache.layers  # the CPU prefill graph takes no (empty) past
+            logits, *layers = self.model.execute(*inputs, *past)
             cache = MaxKVCache(layers, cache.length + new_tokens)
             cache.written[0] = cache.length
         logits = torch.from_dlpack(logits.to(CPU()) if self.max_device != CPU() else logits)

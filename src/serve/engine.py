@@ -50,7 +50,7 @@ class EngineConfig:
     max_queue: int = 64                  # requests waiting for a slot; beyond: QueueFull (HTTP 429)
     max_prefill_batch: int = 8           # newcomers prefilled together in one forward
     chunk_frames: tuple[int, ...] = (5, 10, 20, 40)  # codes per audio chunk, the last size repeats
-    min_slack_seconds: float = 0.5       # step the running group when a row has less audio than this ahead
+    min_slack_seconds: float = 0.1       # step the running group when a row has less audio than this ahead
     max_running_skips: int = 8           # ... and at least every this many warming steps
     min_seconds: float = 0.2             # [speech_end] is not sampled before this much audio (never empty)
     trim_leading_silence: bool = True

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +40,10 @@ def load_backend(cfg: DictConfig) -> Backend:
         if not cfg.artifact:
             raise ServeConfigError("backend=max serves an export artifact: pass artifact=<dir> (written by "
                                    "python export.py), or backend=torch checkpoint=<run>")
+        # torch only does the engine's glue next to MAX (masks, one uniform draw per step): its thread
+        # pool spinning after each small op took CPU from MAX's (~10 ms of a ~60 ms time to first audio on
+        # the 2-core dev box; docs/benchmarks.md).
+        torch.set_num_threads(1)
         return max_backend(cfg.artifact, cfg.device, cfg.api.voices_dir, cfg.model_id)
     if cfg.backend == "torch":
         if not cfg.checkpoint:
