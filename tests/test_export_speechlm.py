@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DynamicCache, LlamaForCausalLM
 
+from voxlm.export.kernels import CodeSamplerParams, sample_codes
 from voxlm.export.speechlm import MaxKVCache, MaxSpeechLM
 from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, generate_codes, left_pad
 from voxlm.speechlm.model import build_model
@@ -138,6 +139,36 @@ def test_greedy_decoding_matches_pytorch(tok: SpeechTokenizer, torch_lm: LlamaFo
     with torch.no_grad():
         want_raw = argmax_codes(torch_lm, tok, rows, 200)
     assert argmax_codes(max_lm, tok, rows, 200) == want_raw
+
+
+def test_the_graph_samples_as_the_sampler_kernel_does(tok: SpeechTokenizer, max_lm: MaxSpeechLM) -> None:
+    """`sample_step` (the CPU graphs sample in the same call, prefill and decode) draws the tokens the Mojo
+    sampler draws alone from the same logits, and a -inf logit bias keeps a row off a token."""
+    ids, mask = left_pad(prompts(tok), tok.pad_id)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    params = CodeSamplerParams(offset=tok.code_offset, num_codes=CODEBOOK, speech_end=tok.speech_end_id,
+                               temperature=0.9, top_k=20, top_p=0.9, penalty=1.3)
+    recent = torch.tensor([[tok.code_offset + 3, -1], [tok.code_offset + 5, tok.code_offset + 3]])
+    no_bias = torch.zeros(2, max_lm.shape.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    cache, logits_cache = None, None
+    for step in range(6):
+        u = torch.rand(2, generator=generator, dtype=torch.float64)
+        logits = max_lm(ids, mask, positions, logits_cache)
+        tokens, cache = max_lm.sample_step(ids, mask, positions, cache, no_bias, recent, u, params)
+        assert tokens.tolist() == sample_codes(logits.logits[:, -1], recent, u, params).tolist(), step
+        logits_cache = logits.cache
+        ids, positions = tokens[:, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    greedy = CodeSamplerParams(offset=tok.code_offset, num_codes=CODEBOOK, speech_end=tok.speech_end_id,
+                               temperature=0.0)
+    first, _ = max_lm.sample_step(ids, mask, positions, cache, no_bias, recent, u, greedy)
+    bias = no_bias.clone()
+    bias[1, first[1]] = -math.inf
+    cache.crop(cache.length)  # the same step again, from the same past
+    second, _ = max_lm.sample_step(ids, mask, positions, cache, bias, recent, u, greedy)
+    assert second[0] == first[0] and second[1] != first[1]
 
 
 def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, tmp_path: Path) -> None:

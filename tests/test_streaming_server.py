@@ -102,14 +102,14 @@ def test_continuous_batching_streams_what_offline_generation_makes(artifact_dir:
 def test_no_empty_answers(artifact_dir: Path, tiny_voices: Path) -> None:
     """[speech_end] is held back until min_seconds of audio: a text never gets an empty stream."""
     backend = max_backend(artifact_dir, extra_voices_dir=tiny_voices)
-    end_logits: list[float] = []  # what the sampler saw for [speech_end], step by step
-    sample = backend.sample
+    end_bias: list[float] = []  # what the graph added to [speech_end]'s logit, step by step
+    sample_step = backend.model.sample_step
 
-    def watched(logits, recent, sampling, generator):
-        end_logits.append(float(logits[0, backend.tokenizer.speech_end_id]))
-        return sample(logits, recent, sampling, generator)
+    def watched(ids, mask, positions, cache, logit_bias, *args):
+        end_bias.append(float(logit_bias[0, backend.tokenizer.speech_end_id]))
+        return sample_step(ids, mask, positions, cache, logit_bias, *args)
 
-    backend.sample = watched
+    backend.model.sample_step = watched
     engine = Engine(backend, EngineConfig(trim_leading_silence=False, min_seconds=0.3),
                     SamplingConfig(do_sample=False, repetition_window=8))
     engine.start()
@@ -119,8 +119,8 @@ def test_no_empty_answers(artifact_dir: Path, tiny_voices: Path) -> None:
         engine.stop()
     min_frames = round(0.3 * backend.codec.frame_rate)
     assert done.frames >= min_frames
-    assert all(v == -np.inf for v in end_logits[:min_frames])
-    assert all(np.isfinite(v) for v in end_logits[min_frames:])
+    assert all(v == -np.inf for v in end_bias[:min_frames])
+    assert all(v == 0 for v in end_bias[min_frames:])
 
 
 def test_trimming_drops_only_leading_silence(artifact_dir: Path, tiny_voices: Path) -> None:

@@ -95,6 +95,12 @@ class CodeSamplerParams:
                    speech_end=tok.speech_end_id, temperature=0.0 if cfg.greedy else cfg.temperature,
                    top_k=cfg.top_k or 0, top_p=cfg.top_p, penalty=cfg.repetition_penalty)
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's iparams [4] int64 (offset, codes, speech_end, top_k) and fparams [3] float32
+        (temperature, top_p, penalty)."""
+        return (np.array([self.offset, self.num_codes, self.speech_end, self.top_k], np.int64),
+                np.array([self.temperature, self.top_p, self.penalty], np.float32))
+
     def candidate_ids(self) -> np.ndarray:
         """The allowed ids, ascending (speech_end once, even when it lies inside the block)."""
         block = np.arange(self.offset, self.offset + self.num_codes)
@@ -291,8 +297,7 @@ def sample_codes(logits: np.ndarray | torch.Tensor, history: np.ndarray | torch.
     h = np.zeros((rows, 0), np.int64) if history is None else numpy(history, np.int64).reshape(rows, -1)
     if max(params.offset + params.num_codes, params.speech_end + 1) > vocab:
         raise ValueError(f"allowed ids reach past the {vocab} logits: {params}")
-    iparams = np.array([params.offset, params.num_codes, params.speech_end, params.top_k], np.int64)
-    fparams = np.array([params.temperature, params.top_p, params.penalty], np.float32)
+    iparams, fparams = params.arrays()
     (tokens,) = _sampler_model().execute(_buffer(x), _buffer(h), _buffer(numpy(u, np.float64).reshape(rows)),
                                          _buffer(iparams), _buffer(fparams))
     out = tokens.to_numpy()

@@ -11,6 +11,7 @@ runs on the backend's own cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from voxlm.codec.module import load_codec
 from voxlm.export.kernels import (
     CodeSamplerParams,
     TrimResult,
-    sample_codes,
     silence_trim,
     silence_trim_reference,
 )
@@ -48,8 +48,11 @@ class Backend:
     trim: Callable[[np.ndarray, int, float, int], TrimResult]  # (audio, frame_length, threshold_db, hangover)
     cache_to_tensors: Callable[[Any], list[Tensor]]
     cache_from_tensors: Callable[[list[Tensor]], Any]
-    # (logits [B, V] float32, recent code ids [B, W], sampling, generator) -> next token ids [B]
-    sample: Callable[[Tensor, Tensor, SamplingConfig, torch.Generator | None], Tensor]
+    # A forward over new tokens and the sampling of each row's next one: (input_ids [B, T], attention_mask
+    # [B, P+T], position_ids [B, T], cache, end_allowed [B] bool (False: [speech_end] may not come yet),
+    # recent code ids [B, W], sampling, generator) -> (next token ids [B], cache)
+    step: Callable[[Tensor, Tensor, Tensor, Any, Tensor, Tensor, SamplingConfig, torch.Generator | None],
+                   tuple[Tensor, Any]]
 
     @property
     def context_length(self) -> int:
@@ -64,17 +67,22 @@ def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir:
     loaded = load_artifact(artifact_dir, device=device)
     model = loaded.speechlm
 
-    def sample(logits: Tensor, recent: Tensor, sampling: SamplingConfig,
-               generator: torch.Generator | None) -> Tensor:
-        # The fused Mojo sampler: mask, repetition penalty, temperature, top-k, top-p and the draw in one
-        # kernel, the draw from uniform numbers of the engine's generator.
-        u = torch.rand(len(logits), generator=generator, dtype=torch.float64)
-        return sample_codes(logits, recent, u, CodeSamplerParams.from_config(sampling, loaded.tokenizer))
+    tok = loaded.tokenizer
+
+    def step(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, end_allowed: Tensor, recent: Tensor,
+             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Any]:
+        # The fused Mojo sampler (mask, repetition penalty, temperature, top-k, top-p and the draw in one
+        # kernel, from uniform numbers of the engine's generator) runs inside the CPU's graph call.
+        u = torch.rand(len(ids), generator=generator, dtype=torch.float64)
+        bias = torch.zeros(len(ids), model.shape.vocab_size)
+        bias[~end_allowed, tok.speech_end_id] = -math.inf
+        return model.sample_step(ids, mask, positions, cache, bias, recent, u,
+                                 CodeSamplerParams.from_config(sampling, tok))
 
     dirs = [Path(extra_voices_dir)] if extra_voices_dir else []
     return Backend("max", model, loaded.tokenizer, loaded.codec, loaded.decoder, loaded.encoder,
                    dirs + [loaded.voices_dir], model_id or f"voxlm-{loaded.manifest['key']}", silence_trim,
-                   model.cache_tensors, model.cache_from_tensors, sample)
+                   model.cache_tensors, model.cache_from_tensors, step)
 
 
 def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -91,11 +99,16 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
 
     allowed = allowed_tokens(tok, model.config.vocab_size).to(device)
 
-    def sample(logits: Tensor, recent: Tensor, sampling: SamplingConfig,
-               generator: torch.Generator | None) -> Tensor:
-        return next_tokens(logits, allowed, recent, sampling, generator)
+    def step(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, end_allowed: Tensor, recent: Tensor,
+             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Any]:
+        ids, mask, positions = (t.to(device) for t in (ids, mask, positions))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        logits[~end_allowed.to(device), tok.speech_end_id] = -math.inf
+        return next_tokens(logits, allowed, recent.to(device), sampling, generator).cpu(), out.cache
 
     dirs = [Path(voices_dir)] if voices_dir else []
     return Backend("torch", model, tok, codec, codec, codec, dirs,
                    model_id or f"voxlm-torch-{Path(checkpoint).resolve().name}", silence_trim_reference,
-                   to_tensors, from_tensors, sample)
+                   to_tensors, from_tensors, step)

@@ -25,7 +25,6 @@ own thread; sinks are called from it and must only hand the event over (e.g. to 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -274,14 +273,12 @@ class Engine:
             self.active[id(row.request)] = row
         ids, mask = left_pad([r.prompt for r in newcomers], self.tok.pad_id)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.backend.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 cache=self._empty_cache(), use_cache=True, logits_to_keep=1)
-        width = self.sampling.repetition_window
-        group = Group(rows, out.cache, mask, mask.sum(1), torch.zeros(len(rows), dtype=torch.long),
-                      torch.full((len(rows), width), -1, dtype=torch.long))
+        recent = torch.full((len(rows), self.sampling.repetition_window), -1, dtype=torch.long)
+        tokens, cache = self._forward(rows, ids, mask, positions, self._empty_cache(), recent)
+        group = Group(rows, cache, mask, mask.sum(1), tokens, recent)
         if self.metrics is not None:
             self.metrics.prefill(len(rows))
-        group = self._sample(group, out.logits[:, -1].float())
+        group = self._take(group, tokens)
         self.warming = self._merge(self.warming, group)
 
     def _empty_cache(self) -> DynamicCache:
@@ -291,21 +288,24 @@ class Engine:
     def _step(self, which: str) -> None:
         group: Group = getattr(self, which)
         mask = torch.cat([group.mask, torch.ones(len(group), 1, dtype=torch.long)], dim=1)
-        out = self.backend.model(input_ids=group.last_token[:, None], attention_mask=mask,
-                                 position_ids=group.positions[:, None], cache=group.cache, use_cache=True,
-                                 logits_to_keep=1)
-        group.cache, group.mask, group.positions = out.cache, mask, group.positions + 1
+        tokens, group.cache = self._forward(group.rows, group.last_token[:, None], mask,
+                                            group.positions[:, None], group.cache, group.recent)
+        group.mask, group.positions = mask, group.positions + 1
         self.steps += 1
         if self.metrics is not None:
             self.metrics.decode_step(len(group))
-        setattr(self, which, self._sample(group, out.logits[:, -1].float()))
+        setattr(self, which, self._take(group, tokens))
 
-    def _sample(self, group: Group, logits: Tensor) -> Group | None:
-        """Choose each row's next token, hand out full chunks, and drop the rows that finished."""
-        too_short = [i for i, row in enumerate(group.rows) if row.frames < self.min_frames]
-        if too_short:  # a model that ends at once would answer a text with silence
-            logits[too_short, self.tok.speech_end_id] = -math.inf
-        tokens = self.backend.sample(logits, group.recent, self.sampling, self.generator)
+    def _forward(self, rows: list[Row], ids: Tensor, mask: Tensor, positions: Tensor, cache: Any,
+                 recent: Tensor) -> tuple[Tensor, Any]:
+        """The backend's forward and sampling: each row's next token, and the cache."""
+        # [speech_end] waits for min_frames: a model that ends at once would answer a text with silence.
+        end_allowed = torch.tensor([row.frames >= self.min_frames for row in rows])
+        return self.backend.step(ids, mask, positions, cache, end_allowed, recent, self.sampling,
+                                 self.generator)
+
+    def _take(self, group: Group, tokens: Tensor) -> Group | None:
+        """Each row's next token: hand out full chunks, and drop the rows that finished."""
         group.last_token = tokens
         if group.recent.shape[1]:
             group.recent = torch.cat([group.recent[:, 1:], tokens[:, None]], dim=1)
