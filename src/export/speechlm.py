@@ -446,12 +446,12 @@ class MaxSpeechLM:
         """One forward over the new tokens input_ids [B, T]; attention_mask [B, P+T] covers past and new."""
         if logits_to_keep != 1:
             raise ValueError("the MAX graph computes the last position's logits only (logits_to_keep=1)")
-        # The CPU graphs sample too: give them a cheap argmax over the whole vocabulary, then ignore it.
+        # The CPU graphs sample too: give them the cheapest draw (one candidate, token 0), then ignore it.
         rows = len(input_ids)
-        greedy = CodeSamplerParams(offset=0, num_codes=self.shape.vocab_size, speech_end=0, temperature=0.0)
+        one_token = CodeSamplerParams(offset=0, num_codes=1, speech_end=0, temperature=0.0)
         logits, _, cache = self._forward(input_ids, attention_mask, position_ids, cache,
                                          torch.zeros(rows, self.shape.vocab_size), torch.zeros(rows, 0),
-                                         torch.zeros(rows, dtype=torch.float64), greedy)
+                                         torch.zeros(rows, dtype=torch.float64), one_token)
         return MaxLMOutput(logits[:, None], cache)
 
     def sample_step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any,
@@ -474,22 +474,20 @@ class MaxSpeechLM:
             # The sampler's first call hands an empty DynamicCache: no past.
             if cache is not None and cache.get_seq_length() != 0:
                 raise ValueError("a non-empty HF cache cannot be continued on MAX; start from an empty one")
-            cache = self.cache_from_tensors([torch.zeros(len(input_ids), self.shape.num_kv_heads, 0,
-                                                         self.shape.head_dim, dtype=DTYPES[self.dtype][1])]
-                                            * (2 * self.shape.num_layers), in_place=False)
+            cache = None
         elif cache.written[0] != cache.length:
             raise ValueError(f"this cache ({cache.length} positions) was continued already, to "
                              f"{cache.written[0]}: continue the newest one, or crop() this one first")
-        new_tokens = input_ids.shape[1]
-        if attention_mask.shape != (len(input_ids), cache.length + new_tokens):
+        past, new_tokens = (0 if cache is None else cache.length), input_ids.shape[1]
+        if attention_mask.shape != (len(input_ids), past + new_tokens):
             raise ValueError(f"attention_mask must be [B, past + new] = [{len(input_ids)}, "
-                             f"{cache.length + new_tokens}], got {list(attention_mask.shape)}")
+                             f"{past + new_tokens}], got {list(attention_mask.shape)}")
         inputs = [self._to_device(t) for t in (input_ids, attention_mask, position_ids)]
         tokens = None
         if self.in_place:
             sampling = [logit_bias.to(torch.float32).contiguous(), recent.to(torch.int64).contiguous(),
                         u.to(torch.float64).contiguous(), *params.arrays()]
-            if cache.length > 0:
+            if past > 0:
                 cache = self._with_room(cache, new_tokens)
                 logits, tokens = self.decode_model.execute(*inputs, *sampling, *cache.layers)
                 cache.written[0] = cache.length + new_tokens
@@ -500,6 +498,10 @@ class MaxSpeechLM:
                 cache.written[0] = cache.length
             tokens = torch.from_dlpack(tokens)
         else:
+            if cache is None:  # the GPU graph takes a past even for a prefill: size-0 buffers
+                empty = torch.zeros(len(input_ids), self.shape.num_kv_heads, 0, self.shape.head_dim,
+                                    dtype=DTYPES[self.dtype][1])
+                cache = self.cache_from_tensors([empty] * (2 * self.shape.num_layers))
             logits, *layers = self.model.execute(*inputs, *cache.layers)
             cache = MaxKVCache(layers, cache.length + new_tokens)
             cache.written[0] = cache.length
