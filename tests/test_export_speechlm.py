@@ -171,6 +171,59 @@ def test_the_graph_samples_as_the_sampler_kernel_does(tok: SpeechTokenizer, max_
     assert second[0] == first[0] and second[1] != first[1]
 
 
+def test_rows_move_within_the_cache_as_a_copy_would_hold_them(tok: SpeechTokenizer,
+                                                             max_lm: MaxSpeechLM) -> None:
+    """The server's in-place row moves (a leaver's gap filled by the last row, a joiner written into a
+    spare row, left-padded) leave the cache a fresh copy of the same rows would be: same tensors, and the
+    decode step over it gives the same logits."""
+    rng = np.random.default_rng(1)
+    rows = [tts_prompt(tok, text, "Hello there.", rng.integers(0, CODEBOOK, 5 + 3 * i))
+            for i, text in enumerate(SENTENCES)]
+    ids, mask = left_pad(rows, tok.pad_id)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = max_lm(ids, mask, positions)
+    token = out.logits[:, -1].argmax(-1)[:, None]
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    out = max_lm(token, mask, positions[:, -1:] + 1, out.cache)  # an in-place cache from here on
+    cache = max_lm.cache_from_tensors(max_lm.cache_tensors(out.cache), spare_rows=1)
+    before = [t.clone() for t in max_lm.cache_tensors(cache)]
+
+    # Row 1 leaves: row 3 takes its place.
+    with pytest.raises(ValueError, match="past the new end"):
+        max_lm.keep_rows(cache, [1, 0, 2])
+    order = [0, 3, 2]
+    cache = max_lm.keep_rows(cache, order)
+    for got, was in zip(max_lm.cache_tensors(cache), before, strict=True):
+        assert torch.equal(got, was[order])
+
+    # A newcomer with a shorter past joins in a spare row; one with a longer past cannot.
+    short, _ = left_pad([tts_prompt(tok, "Hi.")], tok.pad_id)
+    joiner = max_lm(short, torch.ones_like(short), torch.arange(short.shape[1])[None]).cache
+    assert max_lm.append_rows(joiner, cache, [0]) is None
+    cache = max_lm.append_rows(cache, joiner, [0])
+    assert cache.layers[0].shape[0] == 4
+    pad = cache.length - joiner.length
+    for got, was, new in zip(max_lm.cache_tensors(cache), before, max_lm.cache_tensors(joiner), strict=True):
+        assert torch.equal(got[:3], was[order])
+        assert torch.equal(got[3, :, :pad], torch.zeros_like(got[3, :, :pad]))
+        assert torch.equal(got[3:, :, pad:], new)
+    full = max_lm.cache_tensors(cache)
+    spare = max_lm.append_rows(cache, joiner, [0])  # the leaver's row was taken: one of 5 is left
+    assert spare.layers[0].shape[0] == 5 and max_lm.append_rows(spare, joiner, [0]) is None
+
+    # The next step over the moved rows and over a fresh copy of them.
+    index = torch.tensor(order)
+    joiner_mask = torch.cat([torch.zeros(1, pad, dtype=torch.long),
+                             torch.ones(1, joiner.length, dtype=torch.long)], 1)
+    step_mask = torch.cat([torch.cat([mask[index], joiner_mask]), torch.ones(4, 1, dtype=torch.long)], dim=1)
+    step_ids = torch.cat([token[index], torch.tensor([[tok.code_offset]])])
+    step_positions = torch.cat([positions[index, -1:] + 2, torch.tensor([[joiner.length]])])
+    moved = max_lm(step_ids, step_mask, step_positions, cache).logits
+    copy = max_lm.cache_from_tensors([t.clone() for t in full])
+    fresh = max_lm(step_ids, step_mask, step_positions, copy).logits
+    assert torch.equal(moved, fresh)
+
+
 def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, tmp_path: Path) -> None:
     """A tied model through its save_pretrained folder (which holds no lm_head.weight)."""
     torch_lm = tiny_lm(tok, tied=True, seed=1)

@@ -50,8 +50,10 @@ def wait_until_idle(server: RunningServer, seconds: float = 20) -> None:
 
 # ---- the engine, without HTTP ----
 
-def run_engine(engine: Engine, prompts: list[np.ndarray], max_frames: int) -> list[list[object]]:
-    """Submit all prompts at once; every request's events once all are done."""
+def run_engine(engine: Engine, prompts: list[np.ndarray], max_frames: int,
+               steps_apart: int = 0) -> list[list[object]]:
+    """Submit prompt i once the engine has taken i * steps_apart decode steps (0: all at once); every
+    request's events once all are done."""
     events: list[list[object]] = [[] for _ in prompts]
     done = threading.Semaphore(0)
 
@@ -63,6 +65,10 @@ def run_engine(engine: Engine, prompts: list[np.ndarray], max_frames: int) -> li
         return sink
 
     for i, prompt in enumerate(prompts):
+        deadline = time.monotonic() + 60
+        while engine.steps < i * steps_apart:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         engine.submit(SpeechRequest(prompt, max_frames, sink_for(i), time.monotonic() + 120, id=str(i)))
     for _ in prompts:
         assert done.acquire(timeout=120)
@@ -76,8 +82,22 @@ def joined(events: list[object]) -> np.ndarray:
 def test_continuous_batching_streams_what_offline_generation_makes(artifact_dir: Path,
                                                                    tiny_voices: Path) -> None:
     """Greedy: each request, batched with others that join at different times, streams the audio that
-    offline generation + decode makes for it alone (trim off; chunks only move boundaries)."""
+    offline generation + decode makes for it alone (trim off; chunks only move boundaries). Requests come
+    a few steps apart, longest prompt first, so rows move within MAX's cache both ways: joiners into spare
+    rows, last rows into the gaps leavers make."""
     backend = max_backend(artifact_dir, extra_voices_dir=tiny_voices)
+    moved = {"keep_rows": 0, "append_rows": 0}  # row moves done in place (None: the engine copied)
+
+    def counted(name: str):
+        move = getattr(backend, name)
+
+        def call(*args):
+            out = move(*args)
+            moved[name] += out is not None
+            return out
+        return call
+
+    backend.keep_rows, backend.append_rows = counted("keep_rows"), counted("append_rows")
     sampling = SamplingConfig(do_sample=False, repetition_window=8)
     engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5, 8), min_seconds=0),
                     sampling)
@@ -85,8 +105,9 @@ def test_continuous_batching_streams_what_offline_generation_makes(artifact_dir:
     try:
         voices = [Voice.load(p) for p in sorted(tiny_voices.iterdir())][:2]
         texts = ["Hello there.", "The quick brown fox jumps over the lazy dog.", "One, two, three, four."]
-        prompts = [tts_prompt(backend.tokenizer, t, v.text, v.codes) for t in texts for v in voices]
-        events = run_engine(engine, prompts, max_frames=40)
+        prompts = sorted((tts_prompt(backend.tokenizer, t, v.text, v.codes) for t in texts for v in voices),
+                         key=len, reverse=True)
+        events = run_engine(engine, prompts, max_frames=40, steps_apart=5)
         for prompt, got in zip(prompts, events, strict=True):
             reference = generate_codes(backend.model, backend.tokenizer, [prompt], 40, sampling)
             codes = reference.codes[0]
@@ -95,6 +116,7 @@ def test_continuous_batching_streams_what_offline_generation_makes(artifact_dir:
             assert got[-1].truncated == reference.truncated[0]
             np.testing.assert_allclose(joined(got), expected, atol=1e-4)
         assert engine.pool_used == 0 and engine.steps > 0
+        assert moved["keep_rows"] and moved["append_rows"], moved
     finally:
         engine.stop()
 

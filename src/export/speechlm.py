@@ -513,29 +513,78 @@ class MaxSpeechLM:
         on_host = (b if self.max_device == CPU() else b.to(CPU()) for b in cache.layers)
         return [torch.from_dlpack(b)[:, :, :cache.length] for b in on_host]
 
-    def cache_from_tensors(self, tensors: list[Tensor], in_place: bool | None = None) -> MaxKVCache:
+    def cache_from_tensors(self, tensors: list[Tensor], in_place: bool | None = None,
+                           spare_rows: int = 0) -> MaxKVCache:
         """A cache holding these [B, kv_heads, P, hd] tensors (copied): an in-place one with room to grow
-        on the CPU, else buffers of exactly their size."""
+        on the CPU (cache_headroom positions, and `spare_rows` rows for `append_rows`), else buffers of
+        exactly their size."""
         length = int(tensors[0].shape[2])
         if self.in_place if in_place is None else in_place:
             capacity = length + self.cache_headroom
-            host = [torch.empty(*t.shape[:2], capacity, t.shape[3], dtype=t.dtype) for t in tensors]
+            rows = int(tensors[0].shape[0])
+            # Untouched memory costs nothing: empty() maps pages only when a row is written.
+            host = [torch.empty(rows + spare_rows, t.shape[1], capacity, t.shape[3], dtype=t.dtype)
+                    for t in tensors]
             for room, t in zip(host, tensors, strict=True):
-                room[:, :, :length] = t
-            cache = MaxKVCache([Buffer.from_dlpack(t) for t in host], length, host)
+                room[:rows, :, :length] = t
+            cache = self._rows_view(MaxKVCache([], length, host), rows)
         else:
             host = [t.contiguous() for t in tensors]  # the buffers may borrow this memory
             cache = MaxKVCache([Buffer.from_dlpack(t).to(self.max_device) for t in host], length, host)
         cache.written[0] = length
         return cache
 
+    def keep_rows(self, cache: MaxKVCache, order: list[int]) -> MaxKVCache | None:
+        """The cache of rows `order` (new row j = old row order[j]), moved within the buffers in place; None
+        where the cache is not an in-place one. In place needs each row to stay (order[j] == j) or to come
+        from past the new end (order[j] >= len(order)), so that no row is overwritten before it is read:
+        the engine fills the gaps a leaving request makes with the last rows, one row's copy each, where
+        a fresh cache would copy every row."""
+        if not self._is_in_place(cache):
+            return None
+        if any(src != j and src < len(order) for j, src in enumerate(order)):
+            raise ValueError(f"keep_rows moves rows only from past the new end into gaps, got {order}")
+        for j, src in enumerate(order):
+            if src != j:
+                for store in cache.host:
+                    store[j, :, :cache.length] = store[src, :, :cache.length]
+        return self._rows_view(cache, len(order))
+
+    def append_rows(self, cache: MaxKVCache, other: MaxKVCache, rows: list[int]) -> MaxKVCache | None:
+        """The cache with `other`'s `rows` added after its own, written into its spare rows in place (their
+        shorter past left-padded with zeros, which the attention mask hides); None where it has no spare
+        rows or `other` has the longer past."""
+        start = int(cache.layers[0].shape[0]) if cache.layers else 0
+        end = start + len(rows)
+        if not self._is_in_place(cache) or other.length > cache.length or cache.host[0].shape[0] < end:
+            return None
+        pad = cache.length - other.length
+        index = torch.tensor(rows, dtype=torch.long)
+        for store, t in zip(cache.host, self.cache_tensors(other), strict=True):
+            store[start:end, :, :pad] = 0
+            store[start:end, :, pad:cache.length] = t[index]
+        return self._rows_view(cache, end)
+
+    def _is_in_place(self, cache: MaxKVCache) -> bool:
+        """Whether the cache's buffers are views of its host tensors (on the CPU every cache but a
+        prefill's, which the graph returned)."""
+        return self.in_place and cache.host is not None
+
+    @staticmethod
+    def _rows_view(cache: MaxKVCache, rows: int) -> MaxKVCache:
+        """The cache's first `rows` rows: buffers over the same host memory (a leading slice stays
+        contiguous), sharing `written`."""
+        return MaxKVCache([Buffer.from_dlpack(store[:rows]) for store in cache.host], cache.length,
+                          cache.host, cache.written)
+
     def _with_room(self, cache: MaxKVCache, new_tokens: int) -> MaxKVCache:
         """The cache itself when it has room for new_tokens more (only in-place caches have spare capacity),
         else an in-place copy with cache_headroom to spare (a copy every cache_headroom steps costs far less
-        than one per step)."""
+        than one per step), keeping its spare rows."""
         if cache.capacity >= cache.length + new_tokens:
             return cache
-        return self.cache_from_tensors(self.cache_tensors(cache), in_place=True)
+        spare = cache.host[0].shape[0] - cache.layers[0].shape[0] if cache.host is not None else 0
+        return self.cache_from_tensors(self.cache_tensors(cache), in_place=True, spare_rows=spare)
 
     def _to_device(self, t: Tensor) -> Buffer | Tensor:
         t = t.to("cpu", torch.int64).contiguous()

@@ -6,7 +6,8 @@ cache (`voxlm.speechlm.generate.stream_codes` runs either), so the engine is one
 is the cache object: a transformers DynamicCache or MAX buffers. Continuous batching reshapes caches only when
 requests join or leave a batch, so each backend converts its cache to and from plain per-layer tensors
 [B, kv_heads, P, head_dim] (`cache_to_tensors` / `cache_from_tensors`) for those moments; every decode step
-runs on the backend's own cache.
+runs on the backend's own cache. MAX's CPU cache also moves rows within its buffers (`keep_rows`,
+`append_rows`), so a request leaving or joining copies its own row, not the whole batch's.
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ class Backend:
     model_id: str                     # what /v1/models lists
     trim: Callable[[np.ndarray, int, float, int], TrimResult]  # (audio, frame_length, threshold_db, hangover)
     cache_to_tensors: Callable[[Any], list[Tensor]]
-    cache_from_tensors: Callable[[list[Tensor]], Any]
+    cache_from_tensors: Callable[..., Any]  # (tensors, spare_rows=0): spare_rows, room for append_rows
     # A forward over new tokens and the sampling of each row's next one: (input_ids [B, T], attention_mask
     # [B, P+T], position_ids [B, T], cache, end_allowed [B] bool (False: [speech_end] may not come yet),
     # recent code ids [B, W], sampling, generator) -> (next token ids [B], cache)
     step: Callable[[Tensor, Tensor, Tensor, Any, Tensor, Tensor, SamplingConfig, torch.Generator | None],
                    tuple[Tensor, Any]]
+    # In-place row moves, or None where the backend has none (or returns None: the engine copies instead).
+    # keep_rows(cache, order): new row j = old row order[j], rows moving only from past the new end.
+    keep_rows: Callable[[Any, list[int]], Any] | None = None
+    # append_rows(cache, other, rows): other's rows after the cache's own (other's past no longer).
+    append_rows: Callable[[Any, Any, list[int]], Any] | None = None
 
     @property
     def context_length(self) -> int:
@@ -82,7 +88,7 @@ def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir:
     dirs = [Path(extra_voices_dir)] if extra_voices_dir else []
     return Backend("max", model, loaded.tokenizer, loaded.codec, loaded.decoder, loaded.encoder,
                    dirs + [loaded.voices_dir], model_id or f"voxlm-{loaded.manifest['key']}", silence_trim,
-                   model.cache_tensors, model.cache_from_tensors, step)
+                   model.cache_tensors, model.cache_from_tensors, step, model.keep_rows, model.append_rows)
 
 
 def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = "cpu", dtype: str = "float32",
@@ -94,7 +100,7 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
     def to_tensors(cache: DynamicCache) -> list[Tensor]:
         return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
-    def from_tensors(tensors: list[Tensor]) -> DynamicCache:
+    def from_tensors(tensors: list[Tensor], spare_rows: int = 0) -> DynamicCache:
         return DynamicCache(ddp_cache_data=list(zip(tensors[0::2], tensors[1::2], strict=True)))
 
     allowed = allowed_tokens(tok, model.config.vocab_size).to(device)

@@ -13,8 +13,10 @@ request's first audio leaves early, with each request's codes decoded to audio c
 
 A group is a batch of rows sharing one KV cache, left-padded to a common past length with an attention mask
 (the layout `voxlm.speechlm.generate.stream_codes` uses, so a lone request samples what it would there).
-Rows join and leave between steps: merging or slicing a group's cache is the only copy of the KV cache,
-which happens when a request arrives, finishes, is cancelled or passes its deadline, never per step.
+Rows join and leave between steps, never per step: when a request arrives, finishes, is cancelled or passes
+its deadline. On MAX's CPU cache a leaving row's place is taken by the batch's last row and a joining row
+is written into a spare row, so each copies one row; otherwise (PyTorch, a joining row with the longer
+past, too much shared padding) the group's cache is copied whole.
 
 The KV pool is the set of slots (`max_active_streams`): a request holds one from admission until its stream
 ends for any reason; `pool_used` is what the soak test checks returns to zero. Requests beyond the pool wait
@@ -59,6 +61,7 @@ class EngineConfig:
     max_leading_silence_seconds: float = 1.0  # never hold back more than this waiting for speech to start
     boundary_search_seconds: float = 0.04     # move a chunk's end to the quietest frame within this much
     idle_wait_seconds: float = 0.05
+    max_shared_padding: float = 0.25     # share of columns padding in every row before a cache is copied
 
     def __post_init__(self) -> None:
         if not self.chunk_frames or min(self.chunk_frames) < 1:
@@ -334,7 +337,7 @@ class Engine:
         if not ready:
             return
         staying = sorted(set(range(len(group))) - set(ready))
-        self.running = self._merge(self.running, self._keep(group, ready, copy=True))
+        self.running = self._merge(self.running, group, ready)  # copies the ready rows out of group
         self.warming = self._keep(group, staying)
 
     def _running_short_of_audio(self) -> bool:
@@ -449,23 +452,38 @@ class Engine:
     # --- groups: the only places the KV cache is copied ----------------------------------------------------
 
     def _keep(self, group: Group, rows: list[int], copy: bool = False) -> Group | None:
-        """The group restricted to `rows` (None when empty), with left padding no row needs cut off."""
+        """The group restricted to `rows` (None when empty). Where the backend can, the rows stay in the
+        group's cache and the last ones fill the gaps (one row's copy per leaver); else, or with `copy`
+        (the group keeps its cache for other rows), a new cache, without the left padding no row needs."""
         if not rows:
             return None
         if len(rows) == len(group) and not copy:
             return group
-        index = torch.tensor(rows, dtype=torch.long)
-        mask = group.mask[index]
+        mask = group.mask[torch.tensor(rows, dtype=torch.long)]
         first = int(mask.any(0).long().argmax())  # columns before it are padding in every kept row
+        if (not copy and self.backend.keep_rows is not None
+                and first <= self.config.max_shared_padding * mask.shape[1]):
+            order = _fill_gaps(rows, len(group))
+            cache = self.backend.keep_rows(group.cache, order)
+            if cache is not None:
+                return _rows_of(group, order, cache)
+        index = torch.tensor(rows, dtype=torch.long)
         tensors = [t[index][:, :, first:] for t in self.backend.cache_to_tensors(group.cache)]
-        return Group([group.rows[i] for i in rows], self.backend.cache_from_tensors(tensors), mask[:, first:],
-                     group.positions[index], group.last_token[index], group.recent[index])
+        group = _rows_of(group, rows, self.backend.cache_from_tensors(tensors, spare_rows=self._spare(rows)))
+        group.mask = group.mask[:, first:]
+        return group
 
-    def _merge(self, a: Group | None, b: Group | None) -> Group | None:
-        """One group of both, the shorter past left-padded to the longer."""
-        if a is None or b is None:
-            return a or b
+    def _merge(self, a: Group | None, b: Group | None, b_rows: list[int] | None = None) -> Group | None:
+        """One group of a's rows and b's (`b_rows` of them, default all; b itself is left as it was), the
+        shorter past left-padded to the longer. b's rows go into spare rows of a's cache where the backend
+        has them, else both are copied into a new one."""
+        if b is None:
+            return a
+        b_rows = list(range(len(b))) if b_rows is None else b_rows
+        if a is None:
+            return self._keep(b, b_rows, copy=len(b_rows) < len(b))
         width = max(a.mask.shape[1], b.mask.shape[1])
+        index = torch.tensor(b_rows, dtype=torch.long)
 
         def pad(t: Tensor, dim: int) -> Tensor:
             missing = width - t.shape[dim]
@@ -475,8 +493,36 @@ class Engine:
             shape[dim] = missing
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        tensors = [torch.cat([pad(x, 2), pad(y, 2)]) for x, y in zip(
-            self.backend.cache_to_tensors(a.cache), self.backend.cache_to_tensors(b.cache), strict=True)]
-        return Group(a.rows + b.rows, self.backend.cache_from_tensors(tensors),
-                     torch.cat([pad(a.mask, 1), pad(b.mask, 1)]), torch.cat([a.positions, b.positions]),
-                     torch.cat([a.last_token, b.last_token]), torch.cat([a.recent, b.recent]))
+        cache = None
+        if self.backend.append_rows is not None and b.mask.shape[1] <= a.mask.shape[1]:
+            cache = self.backend.append_rows(a.cache, b.cache, b_rows)
+        if cache is None:
+            tensors = [torch.cat([pad(x, 2), pad(y[index], 2)]) for x, y in zip(
+                self.backend.cache_to_tensors(a.cache), self.backend.cache_to_tensors(b.cache), strict=True)]
+            cache = self.backend.cache_from_tensors(tensors, spare_rows=self._spare(a.rows + b_rows))
+        return Group(a.rows + [b.rows[i] for i in b_rows], cache,
+                     torch.cat([pad(a.mask, 1), pad(b.mask[index], 1)]),
+                     torch.cat([a.positions, b.positions[index]]),
+                     torch.cat([a.last_token, b.last_token[index]]),
+                     torch.cat([a.recent, b.recent[index]]))
+
+    def _spare(self, rows: list) -> int:
+        """Rows a new cache keeps free for requests joining later: room for the whole KV pool."""
+        return max(0, self.config.max_active_streams - len(rows))
+
+
+def _fill_gaps(rows: list[int], size: int) -> list[int]:
+    """An order of `rows` (a subset of range(size)) in which rows below the new end stay where they are and
+    the gaps below it are filled by the rows beyond it: each moved row is read before anything is written
+    over it."""
+    end = len(rows)
+    movers = iter(r for r in rows if r >= end)
+    kept = set(rows)
+    return [j if j in kept else next(movers) for j in range(end)]
+
+
+def _rows_of(group: Group, order: list[int], cache: Any) -> Group:
+    """The group's rows in `order` over `cache` (which already holds them in that order)."""
+    index = torch.tensor(order, dtype=torch.long)
+    return Group([group.rows[i] for i in order], cache, group.mask[index], group.positions[index],
+                 group.last_token[index], group.recent[index])
