@@ -3,10 +3,10 @@ request's first audio leaves early, with each request's codes decoded to audio c
 
     submit() ─► waiting ─► admit: prefill the newcomers together, sample their first code ─► warming group
     warming group: stepped first, alone (a small batch: fast steps) until each row's first chunk is out
-    ─► running group: everyone else, stepped when no newcomer waits, when a row's audio is about to run out
-       (less than `min_slack_seconds` decoded ahead of real-time playback, but not yet behind it: a stream
-       already behind, as on an overloaded machine, waits for the newcomers' first chunks like the rest),
-       and at least once every `max_running_skips` steps
+    ─► running group: everyone else, stepped when no newcomer waits, at least once every `max_running_skips`
+       newcomer steps, and (when `min_slack_seconds` > 0) when a row's audio is about to run out (less than
+       that decoded ahead of real-time playback, but not yet behind it: a stream already behind, as on an
+       overloaded machine, waits for the newcomers' first chunks like the rest)
     each step: one forward over the group's KV cache ─► sample ─► codes into each row's chunk ─► a full chunk
     (schedule `chunk_frames`: small first, then larger) is decoded with left context (codec stream state) ─►
     leading silence trimmed, boundary moved to the quietest frame near the chunk's end ─► the request's sink
@@ -51,8 +51,8 @@ class EngineConfig:
     max_queue: int = 64                  # requests waiting for a slot; beyond: QueueFull (HTTP 429)
     max_prefill_batch: int = 8           # newcomers prefilled together in one forward
     chunk_frames: tuple[int, ...] = (5, 10, 20, 40)  # codes per audio chunk, the last size repeats
-    min_slack_seconds: float = 0.1       # step the running group when a row has less audio than this ahead
-    max_running_skips: int = 8           # ... and at least every this many warming steps
+    min_slack_seconds: float = 0.0       # step the running group when a row has less audio than this ahead
+    max_running_skips: int = 16          # ... and at least every this many warming steps
     min_seconds: float = 0.2             # [speech_end] is not sampled before this much audio (never empty)
     trim_leading_silence: bool = True
     silence_threshold_db: float = -40.0
