@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
 from voxlm.data.shards import CodeShards, ShardWriter
+from voxlm.speechlm.alignment import (
+    TextSpeechSpan,
+    diagonal_band,
+    guided_attention_loss,
+    text_speech_spans,
+)
 from voxlm.speechlm.model import build_model, count_parameters, llama_config, padded_vocab_size
+from voxlm.speechlm.module import SpeechLMModule, hf_config_dict
 from voxlm.speechlm.sequences import (
     IGNORE,
     MixtureSampler,
@@ -355,3 +363,82 @@ def test_sft_batch_trains_the_tiny_model(tok: SpeechTokenizer, shards: CodeShard
         optimizer.step()
         optimizer.zero_grad()
     assert losses[-1] < losses[0] - 0.5
+
+
+# --- guided attention ---------------------------------------------------------------------------------------
+
+def marker_ids(tok: SpeechTokenizer) -> tuple[int, int, int, int]:
+    return tok.text_start_id, tok.text_end_id, tok.speech_start_id, tok.speech_end_id
+
+
+def test_guided_attention_finds_each_whole_text_speech_example(tok: SpeechTokenizer) -> None:
+    """Spans cover an example's text tokens (keys) and code tokens (queries), voice prompt included;
+    continuation and text examples have none, and an example a packed row cuts off is left out."""
+    rng = np.random.default_rng(0)
+    tts = tts_sequence(tok, "Hello there.", rng.integers(0, CODEBOOK, 7), "A stitch in time.",
+                       rng.integers(0, CODEBOOK, 5))
+    plain = tts_sequence(tok, "She sells sea shells.", rng.integers(0, CODEBOOK, 9))
+    stream = np.concatenate([continuation_example(tok, rng.integers(0, CODEBOOK, 4)).input_ids,
+                             tts.input_ids, text_example(tok, "Is it raining?").input_ids, plain.input_ids])
+    cut = len(stream) - 3  # the last example loses its [speech_end] and [eos] to the next row
+    spans = text_speech_spans(torch.tensor(np.stack([stream[:cut], stream[3:cut + 3]])), *marker_ids(tok))
+    assert [s.row for s in spans] == [0, 1, 1]
+    first = spans[0]
+    ids = stream[:cut]
+    assert tok.decode_text(ids[first.text]) == "A stitch in time. Hello there."
+    assert (tok.is_code(ids[first.speech])).all() and first.speech.stop - first.speech.start == 12
+    assert ids[first.speech.stop] == tok.speech_end_id
+    assert spans[2].speech.stop - spans[2].speech.start == 9  # row 1 holds the plain example whole
+
+
+def test_guided_attention_loss_rewards_the_diagonal() -> None:
+    """All attention on the diagonal costs ~0; on the anti-diagonal, or off the text, ~1; the loss has a
+    gradient, for the guided heads only."""
+    speech, text, extra = 12, 6, 4
+    band = diagonal_band(speech, text, 0.2)
+    assert band.shape == (speech, text) and float(band[0, 0]) == 1 and float(band[-1, 0]) < 0.1
+    keys = extra + text + speech
+    spans = text_speech_spans(torch.zeros(1, 1, dtype=torch.long), 1, 2, 3, 4)
+    assert spans == []
+
+    def attention(target: torch.Tensor, on_text: float = 1.0) -> torch.Tensor:
+        a = torch.zeros(1, 2, keys, keys)
+        rows = torch.arange(speech)
+        a[0, :, extra + text + rows, extra + target] = on_text  # into the text ...
+        a[0, :, extra + text + rows, 0] = 1 - on_text           # ... and the rest outside it
+        return a.requires_grad_()
+
+    span = [TextSpeechSpan(0, slice(extra, extra + text), slice(extra + text, extra + text + speech))]
+    on = torch.arange(speech) * text // speech
+    diagonal = guided_attention_loss([attention(on)], span, 0.2)
+    elsewhere = guided_attention_loss([attention(on, on_text=0.3)], span, 0.2)
+    anti = attention(text - 1 - on)
+    anti_loss = guided_attention_loss([anti], span, 0.2, heads=[1])
+    assert float(diagonal.detach()) < 0.05 and float(anti_loss.detach()) > 0.5
+    assert float(elsewhere.detach()) == pytest.approx(0.7 + 0.3 * float(diagonal.detach()), abs=1e-5)
+    anti_loss.backward()
+    assert anti.grad is not None and anti.grad[0, 0].abs().sum() == 0 and anti.grad[0, 1].abs().sum() > 0
+
+
+def test_guided_attention_trains_the_heads_onto_the_diagonal(tok: SpeechTokenizer,
+                                                            shards: CodeShards) -> None:
+    """The training module with guided attention on: one forward gives the next-token loss (as without it)
+    and the guided loss, and steps on both lower the guided loss."""
+    torch.manual_seed(0)
+    model = build_model(preset("tiny").model, len(tok), tok.layout.special_ids)
+    guided = {"weight": 1.0, "sigma": 0.2, "layers": None, "heads": [0]}
+    optim = dict(preset("tiny").sft.optim)
+    module = SpeechLMModule(hf_config_dict(model), optim, 10, layout=asdict(tok.layout), model=model,
+                            guided_cfg=guided)
+    loader = torch.utils.data.DataLoader(SFTDataset(shards, tok), batch_size=4,
+                                         collate_fn=partial(pad_collate, pad_id=tok.pad_id))
+    batch = next(iter(loader))
+    lm_loss, first = module.losses_with_guided_attention(batch)
+    assert float(lm_loss) == pytest.approx(float(module(batch)), abs=1e-5)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for _ in range(30):
+        lm_loss, guided_loss = module.losses_with_guided_attention(batch)
+        (lm_loss + guided_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(guided_loss) < float(first) * 0.6, (float(first), float(guided_loss))

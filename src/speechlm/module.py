@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from voxlm.codec.module import lr_factor
+from voxlm.speechlm.alignment import guided_attention_loss, text_speech_spans
 
 
 def hf_config_dict(model: LlamaForCausalLM) -> dict[str, Any]:
@@ -49,19 +50,26 @@ class SpeechLMModule(L.LightningModule):
 
     model_config: the Hugging Face LlamaConfig as a dict (`hf_config_dict`); optim_cfg: the preset's
     pretrain/sft `optim` section; max_steps: where the cosine ends; lora_cfg: the preset's `lora` section
-    (adapters only when enabled); layout: the tokenizer's VocabLayout as a dict, for the record.
-    `model` (not a hyperparameter) gives the initial weights, e.g. a pretrained folder's; without it the
-    model is built from model_config, as load_from_checkpoint does before loading the weights.
+    (adapters only when enabled); layout: the tokenizer's VocabLayout as a dict; guided_cfg: the recipe's
+    `guided_attention` section (voxlm.speechlm.alignment: weight, sigma, layers, heads; weight 0 or no
+    section: off). `model` (not a hyperparameter) gives the initial weights, e.g. a pretrained folder's;
+    without it the model is built from model_config, as load_from_checkpoint does before loading them.
     """
 
     def __init__(self, model_config: dict[str, Any], optim_cfg: dict[str, Any], max_steps: int,
                  lora_cfg: dict[str, Any] | None = None, layout: dict[str, Any] | None = None,
-                 model: LlamaForCausalLM | None = None) -> None:
+                 model: LlamaForCausalLM | None = None, guided_cfg: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.optim_cfg, self.max_steps = optim_cfg, int(max_steps)
         self.lora_enabled = bool(lora_cfg and lora_cfg.get("enabled"))
+        self.guided_cfg = guided_cfg or {}
+        self.guided_weight = float(self.guided_cfg.get("weight") or 0.0)
+        if self.guided_weight and not (layout and layout.get("special_ids")):
+            raise ValueError("guided attention needs the vocabulary layout (its text/speech markers)")
         model = model if model is not None else LlamaForCausalLM(LlamaConfig.from_dict(model_config))
+        if self.guided_weight:
+            model.set_attn_implementation("eager")  # the loss needs the attention probabilities
         self.model = add_lora(model, lora_cfg) if self.lora_enabled else model
         # Throughput and loss bookkeeping; the totals travel in checkpoints so a resumed run reports the
         # whole run's throughput.
@@ -134,14 +142,31 @@ class SpeechLMModule(L.LightningModule):
     # ---------------------------------------------------------------- training
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self(batch)
+        batch_size = len(batch["input_ids"])
+        if self.guided_weight:
+            loss, guided = self.losses_with_guided_attention(batch)
+            self.log("train/guided_attention", guided.detach(), batch_size=batch_size)
+        else:
+            loss, guided = self(batch), None
         self._batch_tokens = int(batch["attention_mask"].sum())
         if self.first_loss is None and self.global_step == 0:
             self.first_loss = float(loss.detach())
-        batch_size = len(batch["input_ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optim_cfg["lr"] * self.lr_factor(self.global_step), batch_size=batch_size)
-        return loss
+        return loss if guided is None else loss + self.guided_weight * guided
+
+    def losses_with_guided_attention(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(next-token loss, guided attention loss) from one forward."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], output_attentions=True)
+        ids = self.hparams.layout["special_ids"]
+        spans = text_speech_spans(batch["input_ids"], ids["text_start"], ids["text_end"], ids["speech_start"],
+                                  ids["speech_end"])
+        layers = self.guided_cfg.get("layers")
+        attentions = list(out.attentions) if layers is None else [out.attentions[i] for i in layers]
+        guided = guided_attention_loss(attentions, spans, float(self.guided_cfg.get("sigma", 0.2)),
+                                       self.guided_cfg.get("heads"))
+        return out.loss, guided
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # From the previous step's end, so data loading counts; but not across validation or start-up.

@@ -75,7 +75,8 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> None:
     tok = pretrain_tokenizer(cfg.speechlm.tokenizer, train_shards, run_dir / TOKENIZER_DIR, texts)
     model = build_model(cfg.speechlm.model, len(tok), tok.layout.special_ids)
     module = SpeechLMModule(hf_config_dict(model), config_dict(recipe.optim), int(cfg.stage.max_steps),
-                            layout=asdict(tok.layout), model=model)
+                            layout=asdict(tok.layout), model=model,
+                            guided_cfg=guided_attention_config(recipe))
     data = PretrainData(train_shards, val_shards, tok, recipe, seed=int(cfg.seed), texts=texts)
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, datamodule=data)
@@ -102,7 +103,8 @@ def run_sft(cfg: DictConfig, run_dir: Path) -> None:
         str(pretrained), local_files_only=True, dtype=torch.float32,
         attn_implementation=cfg.speechlm.model.get("attn_implementation", "sdpa")).train()
     module = SpeechLMModule(hf_config_dict(model), config_dict(recipe.optim), int(cfg.stage.max_steps),
-                            lora_cfg=config_dict(cfg.speechlm.lora), layout=asdict(tok.layout), model=model)
+                            lora_cfg=config_dict(cfg.speechlm.lora), layout=asdict(tok.layout), model=model,
+                            guided_cfg=guided_attention_config(recipe))
     train_loader, val_loader = sft_loaders(train_shards, val_shards, tok, recipe, int(cfg.seed))
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, train_dataloaders=train_loader, val_dataloaders=val_loader)
@@ -290,3 +292,9 @@ def export_model(trainer: L.Trainer, module: SpeechLMModule) -> LlamaForCausalLM
 def save_hf(model: LlamaForCausalLM, tok: SpeechTokenizer, folder: Path) -> None:
     model.save_pretrained(str(folder))
     tok.save_pretrained(folder)
+
+
+def guided_attention_config(recipe: DictConfig) -> dict[str, Any] | None:
+    """The recipe's guided_attention section as a plain dict (None: the recipe has none)."""
+    section = recipe.get("guided_attention")
+    return config_dict(section) if section is not None else None
