@@ -68,6 +68,9 @@ class EngineConfig:
             raise ValueError(f"chunk_frames must be positive sizes, got {list(self.chunk_frames)}")
         if min(self.max_active_streams, self.max_prefill_batch) < 1 or self.max_queue < 0:
             raise ValueError("max_active_streams and max_prefill_batch must be >= 1, max_queue >= 0")
+        if not 0 <= self.max_shared_padding <= 1:
+            raise ValueError(f"max_shared_padding is a share of the columns (0 to 1), "
+                             f"got {self.max_shared_padding}")
 
 
 class QueueFull(Exception):
@@ -463,7 +466,7 @@ class Engine:
         first = int(mask.any(0).long().argmax())  # columns before it are padding in every kept row
         if (not copy and self.backend.keep_rows is not None
                 and first <= self.config.max_shared_padding * mask.shape[1]):
-            order = _fill_gaps(rows, len(group))
+            order = _fill_gaps(rows)
             cache = self.backend.keep_rows(group.cache, order)
             if cache is not None:
                 return _rows_of(group, order, cache)
@@ -511,10 +514,10 @@ class Engine:
         return max(0, self.config.max_active_streams - len(rows))
 
 
-def _fill_gaps(rows: list[int], size: int) -> list[int]:
-    """An order of `rows` (a subset of range(size)) in which rows below the new end stay where they are and
-    the gaps below it are filled by the rows beyond it: each moved row is read before anything is written
-    over it."""
+def _fill_gaps(rows: list[int]) -> list[int]:
+    """An order of `rows` (some of a group's row indices) in which the rows below the new end stay where they
+    are and the gaps below it are filled by the rows beyond it: each moved row is read before anything is
+    written over it."""
     end = len(rows)
     movers = iter(r for r in rows if r >= end)
     kept = set(rows)
