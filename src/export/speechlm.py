@@ -513,13 +513,12 @@ class MaxSpeechLM:
         on_host = (b if self.max_device == CPU() else b.to(CPU()) for b in cache.layers)
         return [torch.from_dlpack(b)[:, :, :cache.length] for b in on_host]
 
-    def cache_from_tensors(self, tensors: list[Tensor], in_place: bool | None = None,
-                           spare_rows: int = 0) -> MaxKVCache:
+    def cache_from_tensors(self, tensors: list[Tensor], spare_rows: int = 0) -> MaxKVCache:
         """A cache holding these [B, kv_heads, P, hd] tensors (copied): an in-place one with room to grow
         on the CPU (cache_headroom positions, and `spare_rows` rows for `append_rows`), else buffers of
         exactly their size."""
         length = int(tensors[0].shape[2])
-        if self.in_place if in_place is None else in_place:
+        if self.in_place:
             capacity = length + self.cache_headroom
             rows = int(tensors[0].shape[0])
             # Untouched memory costs nothing: empty() maps pages only when a row is written.
@@ -554,7 +553,7 @@ class MaxSpeechLM:
         """The cache with `other`'s `rows` added after its own, written into its spare rows in place (their
         shorter past left-padded with zeros, which the attention mask hides); None where it has no spare
         rows or `other` has the longer past."""
-        start = int(cache.layers[0].shape[0]) if cache.layers else 0
+        start = int(cache.layers[0].shape[0])
         end = start + len(rows)
         if not self._is_in_place(cache) or other.length > cache.length or cache.host[0].shape[0] < end:
             return None
@@ -584,7 +583,7 @@ class MaxSpeechLM:
         if cache.capacity >= cache.length + new_tokens:
             return cache
         spare = cache.host[0].shape[0] - cache.layers[0].shape[0] if cache.host is not None else 0
-        return self.cache_from_tensors(self.cache_tensors(cache), in_place=True, spare_rows=spare)
+        return self.cache_from_tensors(self.cache_tensors(cache), spare_rows=spare)
 
     def _to_device(self, t: Tensor) -> Buffer | Tensor:
         t = t.to("cpu", torch.int64).contiguous()
