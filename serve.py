@@ -43,7 +43,9 @@ def main(cfg: DictConfig) -> None:
     voices = ", ".join(server.app.state.voices.names()) if hasattr(server.app.state, "voices") else ""
     print(f"voxlm: {server.backend.name} backend, model {server.backend.model_id}; "
           f"http://{cfg.host}:{cfg.port}/ (voices: {voices or 'none: POST /v1/voices'})", flush=True)
-    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="warning")
+    # uvloop + httptools (the serve extra installs them): the pure-Python loop and h11 parser cost several ms
+    # of every stream's time to first audio.
+    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="warning", loop="uvloop", http="httptools")
 
 
 if __name__ == "__main__":
