@@ -119,7 +119,9 @@ def train(workspace: Path, tiny_corpus: Path, stage: str, *overrides: str) -> st
 
 @pytest.fixture(scope="session")
 def shards(workspace: Path, tiny_corpus: Path) -> Path:
-    train(workspace, tiny_corpus, "codec", "codec.train.max_steps=2", "codec.train.val_check_interval=2")
+    # with its CTC head, so that tokenize stores word timings and pretraining can cut phrases
+    train(workspace, tiny_corpus, "codec", "codec.train.max_steps=2", "codec.train.val_check_interval=2",
+          "codec.loss.weights.ctc=1.0")
     train(workspace, tiny_corpus, "tokenize", "stage.splits=[train,val]")
     return workspace / "runs/tokenize/tiny/shards"
 
@@ -127,7 +129,7 @@ def shards(workspace: Path, tiny_corpus: Path) -> Path:
 @pytest.fixture(scope="session")
 def pretrain_run(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
     train(workspace, tiny_corpus, "pretrain", "run_name=slm", f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}",
-          "speechlm.pretrain.val_check_interval=3")
+          "speechlm.pretrain.val_check_interval=3", "speechlm.pretrain.mixture.phrase=0.3")
     return workspace / "runs/pretrain/slm"
 
 

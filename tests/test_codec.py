@@ -18,6 +18,7 @@ import torchaudio
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from voxlm.codec.align import cuts_from_log_probs, word_cuts
 from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, lr_factor
@@ -324,3 +325,40 @@ def test_ctc_head_trains_on_whole_utterances(speech, tmp_path: Path) -> None:
     ctc = [h["train/ctc"] for h in recorder.history]
     assert all(np.isfinite(ctc)) and ctc[0] > 0.5
     assert np.mean(ctc[-2:]) < ctc[0], ctc
+
+
+# --- word timings by forced alignment (voxlm.codec.align) -------------------------------------------------
+
+def spiky_log_probs(frames: int, classes: int, at: dict[int, int]) -> torch.Tensor:
+    """CTC log-probabilities that say blank everywhere but at the given frames, which say the given class."""
+    logits = torch.full((frames, classes), -10.0)
+    logits[:, 0] = 0.0
+    for frame, cls in at.items():
+        logits[frame, 0], logits[frame, cls] = -10.0, 0.0
+    return logits.log_softmax(-1)
+
+
+def test_forced_alignment_cuts_in_the_gaps_between_words() -> None:
+    head = CTCHead(4, 8, 3, " abcdefghijklmnopqrstuvwxyz'")
+    words = "cab 42 ba ab".split()  # "42" has no character the head reads
+    chars = [head.encode_text(w) for w in words]
+    space = head.char_to_id[" "]
+    # c a b at frames 2-4, the space at 10, b a at 15-16, the space at 20, a b at 27-28 (40 frames in all)
+    at = {2: chars[0][0], 3: chars[0][1], 4: chars[0][2], 10: space, 15: chars[2][0], 16: chars[2][1],
+          20: space, 27: chars[3][0], 28: chars[3][1]}
+    cuts = cuts_from_log_probs(spiky_log_probs(40, 29, at), chars, space)
+    assert cuts[0] == 0 and cuts[-1] == 40 and len(cuts) == len(words) + 1
+    assert cuts == sorted(cuts)
+    assert 5 <= cuts[2] <= 15 and 17 <= cuts[3] <= 27  # between the last letter of one word and the next
+    assert cuts[1] == cuts[2]  # the unreadable word gets no frames: "cab" keeps what sounds until "ba"
+    assert cuts_from_log_probs(spiky_log_probs(40, 29, at), [[], []], space) is None
+    assert cuts_from_log_probs(spiky_log_probs(5, 29, {}), chars, space) is None  # 9 characters, 5 frames
+
+
+def test_word_cuts_read_codes_through_the_head() -> None:
+    torch.manual_seed(0)
+    head, quantizer = CTCHead(4, 8, 3, " abcdefghijklmnopqrstuvwxyz'").eval(), FSQ([4, 4, 2, 2])
+    codes = np.random.default_rng(0).integers(0, 64, 120)
+    cuts = word_cuts(head, quantizer, codes, "Hello there, world!")
+    assert len(cuts) == 4 and cuts[0] == 0 and cuts[-1] == 120 and cuts == sorted(cuts)
+    assert word_cuts(head, quantizer, codes[:6], "Hello there, world!") is None

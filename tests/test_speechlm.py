@@ -27,12 +27,14 @@ from voxlm.speechlm.model import build_model, count_parameters, llama_config, pa
 from voxlm.speechlm.module import SpeechLMModule, hf_config_dict
 from voxlm.speechlm.sequences import (
     IGNORE,
+    SOURCES,
     MixtureSampler,
     PretrainDataset,
     SFTDataset,
     continuation_example,
     pack,
     pad_collate,
+    phrase_example,
     text_example,
     tts_prompt,
     tts_sequence,
@@ -194,7 +196,7 @@ def test_base_preset_is_llama_3_2_1b_shaped() -> None:
     assert 256 <= quick.model.hidden_size <= 384 and 4 <= quick.model.num_hidden_layers <= 6
     for name in ("tiny", "quickstart", "base"):
         p = preset(name)
-        assert set(p.pretrain.mixture) == {"continuation", "text", "text_speech"}
+        assert set(p.pretrain.mixture) == set(SOURCES)
         assert {"pretrain", "sft", "lora", "model", "tokenizer"} <= set(p)
 
 
@@ -442,3 +444,41 @@ def test_guided_attention_trains_the_heads_onto_the_diagonal(tok: SpeechTokenize
         optimizer.step()
         optimizer.zero_grad()
     assert float(guided_loss) < float(first) * 0.6, (float(first), float(guided_loss))
+
+
+def test_phrase_examples_are_a_few_words_with_their_codes(tok: SpeechTokenizer, tmp_path: Path) -> None:
+    text = "She sells sea shells by the sea shore."
+    codes = np.arange(80) % CODEBOOK
+    cuts = [0, 10, 22, 30, 45, 50, 58, 66, 80]  # 8 words
+    writer = ShardWriter(tmp_path / "train")
+    writer.add("cut", codes, text, "spk", duration=0.8, word_cuts=cuts)
+    writer.add("uncut", codes[:40], SENTENCES[0], "spk", duration=0.4)
+    writer.close({"codebook_size": CODEBOOK, "frame_rate": 100.0, "sample_rate": 16000})
+    shards = CodeShards(tmp_path / "train")
+    assert shards[0].word_cuts == cuts and shards[1].word_cuts is None
+    rng = np.random.default_rng(0)
+    words = text.split()
+    for _ in range(20):
+        example = phrase_example(tok, shards[0], 3, rng)
+        speech = example.input_ids[tok.is_code(example.input_ids)]
+        starts = [i for i in range(6)
+                  if np.array_equal(speech, tok.code_to_token(codes[cuts[i]: cuts[i + 3]]))]
+        assert len(starts) == 1, "the codes are three consecutive words' codes"
+        i = starts[0]
+        expected = tts_sequence(tok, " ".join(words[i: i + 3]), codes[cuts[i]: cuts[i + 3]])
+        assert np.array_equal(example.input_ids, expected.input_ids)
+    whole = phrase_example(tok, shards[1], 2, rng)  # no word timings: the whole utterance
+    assert np.array_equal(whole.input_ids, tts_sequence(tok, SENTENCES[0], codes[:40]).input_ids)
+    longest = phrase_example(tok, shards[0], 99, rng)  # more words than it has: all of them
+    assert np.array_equal(longest.input_ids, tts_sequence(tok, text, codes).input_ids)
+    with pytest.raises(ValueError, match="word_cuts must be"):
+        ShardWriter(tmp_path / "bad").add("x", codes, text, "spk", 0.8, word_cuts=[0, 10, 80])
+
+
+def test_pretrain_dataset_refuses_phrases_without_word_timings(tok: SpeechTokenizer,
+                                                                shards: CodeShards) -> None:
+    with pytest.raises(ValueError, match="no word timings"):
+        PretrainDataset(shards, tok, {"text_speech": 0.5, "phrase": 0.5}, seq_len=48)
+    with pytest.raises(ValueError, match="phrase_words"):
+        PretrainDataset(shards, tok, {"text_speech": 1.0}, seq_len=48, phrase_words=(3, 2))
+    PretrainDataset(shards, tok, {"text_speech": 1.0, "phrase": 0.0}, seq_len=48)  # weight 0: not needed

@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from voxlm.data.shards import CodeShards
+from voxlm.eval.text_use import text_use
+from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.module import SpeechLMModule
-from voxlm.speechlm.sequences import pad_collate
+from voxlm.speechlm.sequences import pad_collate, tts_sequence
 from voxlm.speechlm.stage import val_rows
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
@@ -63,6 +65,17 @@ def test_pretrain_writes_a_hugging_face_model_and_tokenizer(pretrain_run: Path, 
     assert plain.convert_ids_to_tokens(int(code_ids[0])) == f"<|c_{int(utterance.codes[0])}|>"
 
 
+def test_tokenize_stores_word_timings_that_phrases_are_cut_at(shards: Path) -> None:
+    """The codec trained with its CTC head, so every utterance's words come with their frames."""
+    train_shards = CodeShards(shards / "train")
+    assert train_shards.meta["word_cuts"] == len(train_shards)
+    for i in range(len(train_shards)):
+        utterance = train_shards[i]
+        cuts = utterance.word_cuts
+        assert len(cuts) == len(utterance.text.split()) + 1
+        assert cuts[0] == 0 and cuts[-1] == len(utterance.codes) and cuts == sorted(cuts)
+
+
 def test_pretraining_lowers_the_loss(pretrain_run: Path, shards: Path) -> None:
     m = metrics(pretrain_run)
     assert m["train/loss"] < m["train_loss_first"] - 0.3
@@ -101,6 +114,28 @@ def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain
     assert base.keys() == tuned.keys()
     assert all(not torch.equal(base[k], tuned[k]) for k in base if "proj" in k)  # every weight trained
     assert (run / "hf/speech_layout.json").read_text() == (pretrain_run / "hf/speech_layout.json").read_text()
+
+
+def test_text_use_scores_the_same_speech_under_three_texts(sft_runs: dict[str, Path], shards: Path) -> None:
+    val = CodeShards(shards / "val")
+    model, tok = load_speechlm(sft_runs["full"], val.codebook_size)
+    use = text_use(model, tok, val, count=3, seed=1)
+    assert len(use.ids) == 3 and all(np.isfinite(use.losses[c]).all() for c in ("own", "other", "none"))
+    by_id = {val[i].id: val[i] for i in range(len(val))}
+    first, second = by_id[use.ids[0]], by_id[use.ids[1]]
+    for condition, text in (("own", first.text), ("other", second.text), ("none", "")):
+        example = tts_sequence(tok, text, np.asarray(first.codes))  # Hugging Face's own shifted loss
+        with torch.no_grad():
+            expected = model(input_ids=torch.as_tensor(example.input_ids)[None],
+                             labels=torch.as_tensor(example.labels)[None]).loss.item()
+        assert use.losses[condition][0] == pytest.approx(expected, rel=1e-5)
+    gap, error = use.gap("other")
+    assert gap == pytest.approx(float(np.mean(use.losses["other"] - use.losses["own"]))) and error >= 0
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/text_use.py"), str(sft_runs["full"]),
+                             "--shards", str(shards / "val"), "--count", "3", "--seed", "1"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"| {sft_runs['full']} | {use.mean('own'):.3f} | {use.mean('other'):.3f}" in result.stdout
 
 
 def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain_run: Path,

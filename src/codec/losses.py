@@ -75,7 +75,6 @@ def feature_matching_loss(real_features: list[list[Tensor]], fake_features: list
     return torch.stack(losses).mean()
 
 
-@torch.no_grad()
 class CTCHead(nn.Module):
     """Predicts the transcript's characters from quantized latents, trained with CTC (blank = index 0).
 

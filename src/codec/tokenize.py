@@ -1,7 +1,8 @@
 """`python train.py stage=tokenize`: encode every split of a dataset into code shards with a trained codec.
 
 Reads: the codec run named by cfg.stage.codec_run ('latest' by default) and cfg.data.
-Writes: <run folder>/shards/<split>/ (see voxlm.data.shards); the SpeechLM stages read only these.
+Writes: <run folder>/shards/<split>/ (see voxlm.data.shards); the SpeechLM stages read only these. When the
+codec run has a CTC head, every utterance's word timings go with its codes (voxlm.codec.align).
 A split whose shards are complete and were made from the same data and codec is skipped, so an interrupted
 run resumes where it stopped; a changed corpus or codec is re-encoded.
 """
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from voxlm.codec.align import load_ctc_head, word_cuts
 from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
 from voxlm.data.shards import ShardWriter, is_complete
@@ -56,8 +58,11 @@ def made_from(split_dir: Path, source: dict) -> bool:
 
 
 @torch.inference_mode()
-def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: str) -> None:
+def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: str, ctc_head=None) -> int:
+    """Encode the dataset into the writer; with a CTC head, align each transcript too. Returns how many
+    utterances got word cuts."""
     hop = codec.hop_length
+    aligned = 0
     for batch in tqdm(duration_batches(dataset.durations, batch_size), desc=desc, unit="batch"):
         utterances = [u for u in (dataset[i] for i in batch) if u is not None]
         if not utterances:
@@ -70,8 +75,12 @@ def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: s
         codes = codec.encode(audio, lengths).cpu().numpy()
         for row, utterance in enumerate(utterances):
             frames = math.ceil(len(utterance.audio) / hop)
+            cuts = (word_cuts(ctc_head, codec.quantizer, codes[row, :frames], utterance.text)
+                    if ctc_head is not None else None)
+            aligned += cuts is not None
             writer.add(utterance.id, codes[row, :frames], utterance.text, utterance.speaker,
-                       len(utterance.audio) / utterance.sample_rate)
+                       len(utterance.audio) / utterance.sample_rate, word_cuts=cuts)
+    return aligned
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
@@ -80,7 +89,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     codec = load_codec(codec_dir)
     meta = {"codec_run": str(codec_dir), "codebook_size": codec.codebook_size,
             "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate, "hop_length": codec.hop_length}
-    source = {"data": data_fingerprint(cfg.data), "codec": file_digest(codec_dir / "codec.pt")[:16]}
+    ctc_head = load_ctc_head(codec_dir)
+    source = {"data": data_fingerprint(cfg.data), "codec": file_digest(codec_dir / "codec.pt")[:16],
+              "word_cuts": ctc_head is not None}
     summary = {}
     for split in stage.splits:
         split_dir = Path(run_dir) / "shards" / split
@@ -92,12 +103,14 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         started = time.perf_counter()
         dataset = build_dataset(cfg.data, split, sample_rate=codec.sample_rate)
         writer = ShardWriter(split_dir, max_codes_per_shard=int(stage.max_codes_per_shard))
-        tokenize_split(codec, dataset, writer, int(stage.batch_size), desc=f"tokenize {split}")
-        written = writer.close({**meta, "source": source, "split": split,
+        aligned = tokenize_split(codec, dataset, writer, int(stage.batch_size), desc=f"tokenize {split}",
+                                 ctc_head=ctc_head)
+        written = writer.close({**meta, "source": source, "split": split, "word_cuts": aligned,
                                 "skipped": dataset.skipped.summary()})
         seconds = time.perf_counter() - started
         audio_seconds = written["num_codes"] / codec.frame_rate
         summary[split] = {"utterances": written["num_utterances"], "codes": written["num_codes"],
+                          "word_cuts": aligned,
                           "audio_hours": audio_seconds / 3600, "x_real_time": audio_seconds / seconds}
         log.info("%s: %d utterances, %d codes, %.0fx real time", split, written["num_utterances"],
                  written["num_codes"], audio_seconds / seconds)

@@ -2,7 +2,8 @@
 
 One folder per split:
     <root>/<split>/codes-00000.bin   int32 codes of many utterances back to back (memory-mapped to read)
-    <root>/<split>/index.jsonl       a line per utterance: id, text, speaker, duration, shard, offset, length
+    <root>/<split>/index.jsonl       a line per utterance: id, text, speaker, duration, shard, offset, length,
+                                     and word_cuts where the codec could align the text (voxlm.codec.align)
     <root>/<split>/meta.json         codec facts (codebook size, frame rate, sample rate, checkpoint) + counts
 A shard file is closed when it reaches `max_codes_per_shard`, so a large corpus stays in files of bounded
 size. meta.json is written last: a split without it was interrupted and is rebuilt.
@@ -27,6 +28,7 @@ class CodedUtterance:
     text: str
     speaker: str
     duration: float
+    word_cuts: list[int] | None = None  # word i of text.split() is codes[cuts[i]:cuts[i + 1]]
 
 
 class ShardWriter:
@@ -54,7 +56,8 @@ class ShardWriter:
         self.shard_file = open(self.split_dir / f"codes-{self.shard:05d}.bin", "wb")  # noqa: SIM115
         self.shard_codes = 0
 
-    def add(self, id: str, codes: np.ndarray, text: str, speaker: str, duration: float) -> None:
+    def add(self, id: str, codes: np.ndarray, text: str, speaker: str, duration: float,
+            word_cuts: list[int] | None = None) -> None:
         codes = np.asarray(codes)
         if codes.ndim != 1 or codes.size == 0:
             raise ValueError(f"utterance {id}: expected a non-empty 1-D code array, got shape {codes.shape}")
@@ -66,6 +69,11 @@ class ShardWriter:
         self.shard_file.write(codes.astype(CODE_DTYPE).tobytes())
         row = {"id": id, "text": text, "speaker": speaker, "duration": round(float(duration), 4),
                "shard": self.shard, "offset": self.shard_codes, "length": int(codes.size)}
+        if word_cuts is not None:
+            if len(word_cuts) != len(text.split()) + 1 or word_cuts[0] != 0 or word_cuts[-1] != codes.size:
+                raise ValueError(f"utterance {id}: word_cuts must be len(words) + 1 cuts from 0 to the "
+                                 f"{codes.size} codes, got {word_cuts}")
+            row["word_cuts"] = [int(c) for c in word_cuts]
         self.index.write(json.dumps(row) + "\n")
         self.shard_codes += codes.size
         self.num_codes += codes.size
@@ -106,7 +114,8 @@ class CodeShards:
     def __getitem__(self, i: int) -> CodedUtterance:
         row = self.rows[i]
         codes = self.shards[row["shard"]][row["offset"]: row["offset"] + row["length"]]
-        return CodedUtterance(row["id"], codes, row["text"], row["speaker"], row["duration"])
+        return CodedUtterance(row["id"], codes, row["text"], row["speaker"], row["duration"],
+                              row.get("word_cuts"))
 
     @property
     def codebook_size(self) -> int:

@@ -11,6 +11,10 @@ IGNORE (-100) marks positions without loss. Formats (K = codes, [x] = one token)
     text_speech (pretrain)    the tts format without a voice prompt; loss on the speech + [speech_end] only:
                               the "text" source already trains text prediction, and this one spends its
                               gradient on the task itself (speech given text).
+    phrase (pretrain)         text_speech for a few consecutive words of an utterance and their codes, cut
+                              at the word timings the tokenize stage stored (voxlm.codec.align): which text
+                              goes with which speech is plain in a short pair, so a small model learns to
+                              read the text long before it can align whole sentences
     continuation (pretrain)   [bos] [speech_start] codes [speech_end] [eos]; loss: codes + [speech_end]
     text (pretrain)           [bos] text [eos]; loss: text + [eos]
 [bos] never carries loss, which is what makes packing simple (see `pack`). Generation stops at [speech_end].
@@ -27,13 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from voxlm.data.shards import CodeShards
+from voxlm.data.shards import CodedUtterance, CodeShards
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-SOURCES = ("continuation", "text", "text_speech")  # the pretraining mixture's example kinds
+SOURCES = ("continuation", "text", "text_speech", "phrase")  # the pretraining mixture's example kinds
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,21 @@ def tts_sequence(tok: SpeechTokenizer, text: str, codes: np.ndarray, prompt_text
     labels = np.full_like(input_ids, IGNORE)
     labels[len(prompt): len(prompt) + len(target)] = target
     return Example(input_ids, labels)
+
+
+def phrase_example(tok: SpeechTokenizer, utterance: CodedUtterance, words: int,
+                   rng: np.random.Generator) -> Example:
+    """`words` consecutive words of the utterance (fewer if it has fewer) and their codes, in the tts format,
+    from a random start; the whole utterance when it has no word cuts."""
+    if utterance.word_cuts is None:
+        return tts_sequence(tok, utterance.text, utterance.codes)
+    all_words, cuts = utterance.text.split(), utterance.word_cuts
+    words = min(words, len(all_words))
+    start = int(rng.integers(len(all_words) - words + 1))
+    codes = utterance.codes[cuts[start]: cuts[start + words]]
+    if len(codes) == 0:  # only words the aligner could not read (numbers, dashes): say the whole utterance
+        return tts_sequence(tok, utterance.text, utterance.codes)
+    return tts_sequence(tok, " ".join(all_words[start: start + words]), codes)
 
 
 def continuation_example(tok: SpeechTokenizer, codes: np.ndarray) -> Example:
@@ -162,15 +181,25 @@ class PretrainDataset(IterableDataset):
     """An endless stream of packed rows drawn from the mixture over one split's code shards.
 
     `texts` feeds the "text" source (default: the shards' transcripts); utterances are drawn uniformly
-    with replacement, so the stream has no epochs and the trainer's max_steps ends it.
+    with replacement, so the stream has no epochs and the trainer's max_steps ends it. A "phrase" has
+    `phrase_words` (min, max) words, drawn uniformly.
     """
 
     def __init__(self, shards: CodeShards, tok: SpeechTokenizer, weights: Mapping[str, float], seq_len: int,
-                 seed: int = 0, texts: Sequence[str] | None = None) -> None:
+                 seed: int = 0, texts: Sequence[str] | None = None,
+                 phrase_words: Sequence[int] = (1, 4)) -> None:
         super().__init__()
         if shards.codebook_size != tok.codebook_size:
             raise ValueError(f"shards have {shards.codebook_size} codes, the tokenizer {tok.codebook_size}")
         MixtureSampler(weights, seed)  # fail on bad weights now, not inside a dataloader worker
+        if len(phrase_words) != 2 or not 1 <= phrase_words[0] <= phrase_words[1]:
+            raise ValueError(f"phrase_words is [min, max] words per phrase, 1 <= min <= max; got "
+                             f"{list(phrase_words)}")
+        if weights.get("phrase", 0) > 0 and not any("word_cuts" in row for row in shards.rows):
+            raise ValueError("the mixture asks for phrases but the code shards hold no word timings: "
+                             "re-run `python train.py stage=tokenize` with a codec trained with its CTC "
+                             "head (loss weight ctc > 0), or set the phrase weight to 0")
+        self.phrase_words = (int(phrase_words[0]), int(phrase_words[1]))
         self.shards, self.tok, self.seq_len, self.seed = shards, tok, seq_len, seed
         self.weights = dict(weights)
         self.texts = list(texts) if texts is not None else [row["text"] for row in shards.rows]
@@ -185,6 +214,9 @@ class PretrainDataset(IterableDataset):
             utterance = self.shards[int(rng.integers(len(self.shards)))]
             if source == "continuation":
                 yield continuation_example(self.tok, utterance.codes)
+            elif source == "phrase":
+                words = int(rng.integers(self.phrase_words[0], self.phrase_words[1] + 1))
+                yield phrase_example(self.tok, utterance, words, rng)
             else:
                 yield tts_sequence(self.tok, utterance.text, utterance.codes)
 

@@ -212,7 +212,8 @@ class PretrainData(L.LightningDataModule):
         step, rank = (trainer.global_step, trainer.global_rank) if trainer is not None else (0, 0)
         seed = int(np.random.SeedSequence([self.seed, rank, step]).generate_state(1)[0])
         dataset = PretrainDataset(self.train_shards, self.tok, config_dict(self.recipe.mixture),
-                                  int(self.recipe.seq_len), seed=seed, texts=self.texts)
+                                  int(self.recipe.seq_len), seed=seed, texts=self.texts,
+                                  phrase_words=list(self.recipe.phrase_words))
         workers = int(self.recipe.num_workers)
         return DataLoader(dataset, batch_size=int(self.recipe.batch_size), num_workers=workers,
                           persistent_workers=workers > 0)

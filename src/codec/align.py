@@ -1,0 +1,87 @@
+"""Word timings in code frames: a transcript forced-aligned to an utterance's codes by the codec's CTC head.
+
+The CTC head (voxlm.codec.losses.CTCHead) learned during codec training to read characters off the quantized
+latents, so it reads them off the codes alone. Viterbi alignment of the known transcript through its
+log-probabilities (torchaudio's forced_align) puts every character on a frame; the cut between two words is
+the middle of the gap between the last character of one and the first of the next.
+
+The tokenize stage stores the cuts in the code shards (`word_cuts`), and SpeechLM pretraining cuts phrases of
+a few words out of utterances with them (the `phrase` source of voxlm.speechlm.sequences): short text-speech
+pairs in which it is plain which text goes with which speech, so that a small model learns to read the text
+before it can align a whole sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchaudio.functional import forced_align, merge_tokens
+
+from voxlm.codec.losses import CTCHead
+from voxlm.codec.model import FSQ
+
+log = logging.getLogger(__name__)
+
+
+def load_ctc_head(codec_run: str | Path) -> CTCHead | None:
+    """The CTC head of a codec run (from its Lightning checkpoint, which holds the whole training module), or
+    None when the run has no checkpoint or trained without the head (loss weight ctc 0)."""
+    path = Path(codec_run) / "checkpoints" / "last.ckpt"
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = saved["hyper_parameters"]
+    loss_cfg, model_cfg = hparams["loss_cfg"], hparams["model_cfg"]
+    if loss_cfg["weights"]["ctc"] <= 0:
+        return None
+    ctc = loss_cfg["ctc"]
+    head = CTCHead(len(model_cfg["levels"]), ctc["dim"], ctc["kernel_size"], ctc["alphabet"])
+    prefix = "ctc_head."
+    head.load_state_dict({k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)})
+    return head.eval()
+
+
+@torch.inference_mode()
+def word_cuts(head: CTCHead, quantizer: FSQ, codes: np.ndarray, text: str) -> list[int] | None:
+    """Frame cuts between the words of `text.split()` in `codes` (see `cuts_from_log_probs`)."""
+    latents = quantizer.codes_to_latent(torch.as_tensor(np.asarray(codes), dtype=torch.long))
+    log_probs = head.net(latents.T[None].float()).log_softmax(dim=1)[0].T  # [frames, blank + alphabet]
+    return cuts_from_log_probs(log_probs, [head.encode_text(word) for word in text.split()],
+                               head.char_to_id[" "])
+
+
+def cuts_from_log_probs(log_probs: torch.Tensor, word_chars: list[list[int]], space: int) -> list[int] | None:
+    """Frame cuts between words from CTC log-probabilities [frames, classes] (blank = 0) and each word's
+    character ids: len(words) + 1 non-decreasing indices, the first 0 and the last the frame count, so word
+    i is frames cuts[i]:cuts[i + 1]. A word with no character the head reads (a number, a dash) gets no
+    frames (what it sounds like stays with the word before it). None when no word can be read, or the text
+    has more characters than there are frames."""
+    frames = log_probs.shape[0]
+    readable = [i for i, chars in enumerate(word_chars) if chars]
+    if not readable:
+        return None
+    targets: list[int] = []
+    first_char, last_char = {}, {}  # word index -> index of its first / last character in targets
+    for i in readable:
+        if targets:
+            targets.append(space)
+        first_char[i] = len(targets)
+        targets += word_chars[i]
+        last_char[i] = len(targets) - 1
+    repeats = sum(a == b for a, b in zip(targets, targets[1:], strict=False))
+    if len(targets) + repeats > frames:  # CTC puts a blank between repeated characters
+        return None
+    emissions = log_probs[None].float().contiguous()  # torchaudio's kernel reads the memory as it lies
+    labels, _ = forced_align(emissions, torch.tensor([targets], dtype=torch.int32), blank=0)
+    spans = merge_tokens(labels[0], torch.zeros(frames))  # one span per target character, in order
+    cuts = [0] * (len(word_chars) + 1)
+    cuts[-1] = frames
+    for before, after in zip(readable, readable[1:], strict=False):
+        cuts[after] = (spans[last_char[before]].end + spans[first_char[after]].start) // 2
+    for i in range(1, len(word_chars)):  # an unreadable word starts where the next readable one does
+        if i not in first_char:
+            cuts[i] = next((cuts[j] for j in range(i + 1, len(word_chars)) if j in first_char), frames)
+    return cuts

@@ -1,0 +1,65 @@
+"""Does a SpeechLM read its text? The next-token loss on an utterance's speech given its own transcript,
+another utterance's transcript, or no text at all (the text_speech format, no voice prompt).
+
+A model that reads the text predicts the speech better from its own transcript than from another one; a model
+whose three losses agree is an unconditional speech LM, which is what an unintelligible TTS model usually is
+early in training (WER above 1 while the voice is right). Cheaper and more direct than a WER: no sampling,
+no codec, no ASR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from voxlm.data.shards import CodeShards
+from voxlm.speechlm.sequences import IGNORE, tts_sequence
+from voxlm.speechlm.tokenizer import SpeechTokenizer
+
+CONDITIONS = ("own", "other", "none")
+
+
+@dataclass
+class TextUse:
+    losses: dict[str, np.ndarray]  # condition -> mean target-speech loss per utterance [n]
+    ids: list[str]                 # the utterances, in order
+
+    def mean(self, condition: str) -> float:
+        return float(self.losses[condition].mean())
+
+    def gap(self, condition: str) -> tuple[float, float]:
+        """How much more loss `condition` has than the own transcript: (mean over utterances, its standard
+        error). The utterances are paired, so the gap is far less noisy than the losses themselves."""
+        diff = self.losses[condition] - self.losses["own"]
+        return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+@torch.no_grad()
+def speech_loss(model: PreTrainedModel, example_ids: np.ndarray, labels: np.ndarray) -> float:
+    """Mean next-token cross-entropy over the labelled positions of one sequence."""
+    logits = model(torch.as_tensor(example_ids)[None]).logits[0, :-1].float()
+    targets = torch.as_tensor(labels)[1:]
+    keep = targets != IGNORE
+    return F.cross_entropy(logits[keep], targets[keep]).item()
+
+
+def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, count: int = 40,
+             seed: int = 0) -> TextUse:
+    """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
+    with the transcript of the next one drawn."""
+    rng = np.random.default_rng(seed)
+    picked = [int(i) for i in rng.permutation(len(shards))[: min(count, len(shards))]]
+    if len(picked) < 2:
+        raise ValueError(f"text_use needs at least 2 utterances to swap transcripts; the shards hold "
+                         f"{len(shards)}")
+    losses = {condition: [] for condition in CONDITIONS}
+    for k, i in enumerate(picked):
+        utterance, other = shards[i], shards[picked[(k + 1) % len(picked)]]
+        for condition, text in (("own", utterance.text), ("other", other.text), ("none", "")):
+            example = tts_sequence(tok, text, np.asarray(utterance.codes))
+            losses[condition].append(speech_loss(model, example.input_ids, example.labels))
+    return TextUse({c: np.array(v) for c, v in losses.items()}, [shards[i].id for i in picked])
