@@ -7,8 +7,7 @@ the middle of the gap between the last character of one and the first of the nex
 
 The tokenize stage stores the cuts in the code shards (`word_cuts`), and SpeechLM pretraining cuts phrases of
 a few words out of utterances with them (the `phrase` source of voxlm.speechlm.sequences): short text-speech
-pairs in which it is plain which text goes with which speech, so that a small model learns to read the text
-before it can align a whole sentence.
+pairs in which it is plain which text goes with which speech.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ IGNORE (-100) marks positions without loss. Formats (K = codes, [x] = one token)
                               gradient on the task itself (speech given text).
     phrase (pretrain)         text_speech for a few consecutive words of an utterance and their codes, cut
                               at the word timings the tokenize stage stored (voxlm.codec.align): which text
-                              goes with which speech is plain in a short pair, so a small model learns to
-                              read the text long before it can align whole sentences
+                              goes with which speech is plain in a short pair, so a model can learn what
+                              text sounds like before it aligns whole sentences (not enough on its own at
+                              the quickstart budget: docs/benchmarks.md)
     continuation (pretrain)   [bos] [speech_start] codes [speech_end] [eos]; loss: codes + [speech_end]
     text (pretrain)           [bos] text [eos]; loss: text + [eos]
 [bos] never carries loss, which is what makes packing simple (see `pack`). Generation stops at [speech_end].
