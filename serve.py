@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> None:
           f"http://{cfg.host}:{cfg.port}/ (voices: {voices or 'none: POST /v1/voices'})", flush=True)
     # uvloop + httptools (the serve extra installs them): the pure-Python loop and h11 parser cost several ms
     # of every stream's time to first audio.
-    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="warning", loop="uvloop", http="httptools")
+    uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="warning", loop="uvloop",
+                http="httptools")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ pairs in which it is plain which text goes with which speech.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,6 @@ from torchaudio.functional import forced_align, merge_tokens
 
 from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import FSQ
-
-log = logging.getLogger(__name__)
 
 
 def load_ctc_head(codec_run: str | Path) -> CTCHead | None:

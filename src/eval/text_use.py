@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from voxlm.data.shards import CodeShards
-from voxlm.speechlm.sequences import IGNORE, tts_sequence
+from voxlm.speechlm.sequences import tts_sequence
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 CONDITIONS = ("own", "other", "none")
@@ -39,14 +38,6 @@ class TextUse:
 
 
 @torch.no_grad()
-def speech_loss(model: PreTrainedModel, example_ids: np.ndarray, labels: np.ndarray) -> float:
-    """Mean next-token cross-entropy over the labelled positions of one sequence."""
-    logits = model(torch.as_tensor(example_ids)[None]).logits[0, :-1].float()
-    targets = torch.as_tensor(labels)[1:]
-    keep = targets != IGNORE
-    return F.cross_entropy(logits[keep], targets[keep]).item()
-
-
 def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, count: int = 40,
              seed: int = 0) -> TextUse:
     """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
@@ -60,6 +51,8 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
     for k, i in enumerate(picked):
         utterance, other = shards[i], shards[picked[(k + 1) % len(picked)]]
         for condition, text in (("own", utterance.text), ("other", other.text), ("none", "")):
-            example = tts_sequence(tok, text, np.asarray(utterance.codes))
-            losses[condition].append(speech_loss(model, example.input_ids, example.labels))
+            example = tts_sequence(tok, text, np.asarray(utterance.codes))  # loss on the speech only
+            loss = model(input_ids=torch.as_tensor(example.input_ids)[None],
+                         labels=torch.as_tensor(example.labels)[None]).loss
+            losses[condition].append(loss.item())
     return TextUse({c: np.array(v) for c, v in losses.items()}, [shards[i].id for i in picked])

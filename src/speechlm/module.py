@@ -164,7 +164,7 @@ class SpeechLMModule(L.LightningModule):
                                   ids["speech_end"])
         layers = self.guided_cfg.get("layers")
         attentions = list(out.attentions) if layers is None else [out.attentions[i] for i in layers]
-        guided = guided_attention_loss(attentions, spans, float(self.guided_cfg.get("sigma", 0.2)),
+        guided = guided_attention_loss(attentions, spans, float(self.guided_cfg["sigma"]),
                                        self.guided_cfg.get("heads"))
         return out.loss, guided
 
