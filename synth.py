@@ -130,6 +130,10 @@ def synthesize(cfg: DictConfig) -> Synthesis:
     model, tok = load_speechlm(cfg.speechlm, codec.codebook_size, device, cfg.dtype)
 
     prompt = tts_prompt(tok, text, voice.text if voice else None, voice.codes if voice else None)
+    spoken = [tok.spoken_char_ids(text)] if tok.interleaved else None
+    if spoken is not None and not spoken[0]:
+        raise SynthError(f"text {text!r} has no character this model speaks "
+                         f"({tok.layout.spoken_alphabet!r}): spell numbers and symbols out in words")
     # The guard counts the target text's tokens only: the voice prompt's speech is given, not generated.
     rate = codec.frame_rate
     max_frames = frame_limit(len(tok.encode_text(text)), cfg.length.base_seconds * rate,
@@ -141,10 +145,10 @@ def synthesize(cfg: DictConfig) -> Synthesis:
     start = time.perf_counter()
     if cfg.stream:
         codes, truncated, audio, first_audio = stream_decode(
-            codec, stream_codes(model, tok, [prompt], max_frames, sampling, list(cfg.stream_chunk_frames)),
-            device, start)
+            codec, stream_codes(model, tok, [prompt], max_frames, sampling, list(cfg.stream_chunk_frames),
+                                spoken=spoken), device, start)
     else:
-        generation = generate_codes(model, tok, [prompt], max_frames, sampling)
+        generation = generate_codes(model, tok, [prompt], max_frames, sampling, spoken=spoken)
         codes, truncated, first_audio = generation.codes[0], generation.truncated[0], None
         audio = codec.decode(codes[None].to(device))[0] if len(codes) else torch.zeros(0)
     seconds = time.perf_counter() - start

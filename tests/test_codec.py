@@ -18,7 +18,7 @@ import torchaudio
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from voxlm.codec.align import cuts_from_log_probs, word_cuts
+from voxlm.codec.align import char_starts, cuts_from_log_probs, starts_from_log_probs, word_cuts
 from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, lr_factor
@@ -355,6 +355,18 @@ def test_forced_alignment_cuts_in_the_gaps_between_words() -> None:
     assert cuts_from_log_probs(spiky_log_probs(5, 29, {}), chars, space) is None  # 9 characters, 5 frames
 
 
+def test_character_starts_fall_between_the_aligned_characters() -> None:
+    head = CTCHead(4, 8, 3, " abcdefghijklmnopqrstuvwxyz'")
+    chars = head.encode_text("Ab - c!")  # the dash and "!" are not read; the spaces around the dash are one
+    assert chars == [head.char_to_id[c] for c in "ab c"]
+    at = {3: chars[0], 9: chars[1], 14: chars[2], 22: chars[3]}  # a b ' ' c, one spike each (30 frames)
+    starts = starts_from_log_probs(spiky_log_probs(30, 29, at), chars)
+    assert len(starts) == 4 and starts[0] == 0 and starts == sorted(starts)
+    assert 4 <= starts[1] <= 9 and 10 <= starts[2] <= 14 and 15 <= starts[3] <= 22
+    assert starts_from_log_probs(spiky_log_probs(3, 29, {}), chars) is None  # 4 characters, 3 frames
+    assert starts_from_log_probs(spiky_log_probs(30, 29, at), []) is None
+
+
 def test_word_cuts_read_codes_through_the_head() -> None:
     torch.manual_seed(0)
     head, quantizer = CTCHead(4, 8, 3, " abcdefghijklmnopqrstuvwxyz'").eval(), FSQ([4, 4, 2, 2])
@@ -362,3 +374,6 @@ def test_word_cuts_read_codes_through_the_head() -> None:
     cuts = word_cuts(head, quantizer, codes, "Hello there, world!")
     assert len(cuts) == 4 and cuts[0] == 0 and cuts[-1] == 120 and cuts == sorted(cuts)
     assert word_cuts(head, quantizer, codes[:6], "Hello there, world!") is None
+    starts = char_starts(head, quantizer, codes, "Hello there, world!")
+    assert len(starts) == len("hello there world") and starts[0] == 0 and starts == sorted(starts)
+    assert starts[-1] < 120

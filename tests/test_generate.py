@@ -266,6 +266,38 @@ def test_length_guard_cuts_a_model_that_never_stops(tok: SpeechTokenizer) -> Non
         generate_codes(model, tok, rows[:1], 100, GREEDY)
 
 
+def test_interleaved_rows_are_fed_their_characters_in_order(tok: SpeechTokenizer) -> None:
+    """In the interleaved format the model says <|advance|> and the next character is fed; it cannot stop
+    before the last one nor advance past it. 'h' -> [speech_end] (preferred) or c5; c5 -> <|advance|>;
+    'i' -> c2; c2 -> <|advance|> (preferred) or [speech_end]."""
+    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
+    h, i = spoken_tok.char_ids["h"], spoken_tok.char_ids["i"]
+    model = bigram_lm(spoken_tok, {h: spoken_tok.speech_end_id, code(spoken_tok, 5): spoken_tok.advance_id,
+                                   i: code(spoken_tok, 2), code(spoken_tok, 2): spoken_tok.advance_id})
+    with torch.no_grad():  # the second choices, at half the logit
+        normalized = model.model.embed_tokens.weight / model.model.embed_tokens.weight.pow(2).mean(
+            -1, keepdim=True).sqrt()
+        model.lm_head.weight[code(spoken_tok, 5)] += 0.5 * normalized[h]
+        model.lm_head.weight[spoken_tok.speech_end_id] += 0.5 * normalized[code(spoken_tok, 2)]
+    texts = ["Hi!", "h i i"]  # spoken: "hi" and "h i i" (spaces are characters too; ' ' -> anything)
+    rows = [tts_prompt(spoken_tok, text) for text in texts]
+    spoken = [spoken_tok.spoken_char_ids(text) for text in texts]
+    assert spoken[0] == [h, i]
+    generated = generate_codes(model, spoken_tok, rows, 50, GREEDY, spoken=spoken)
+    assert generated.codes[0].tolist() == [5, 2] and generated.truncated == [False, False]
+    said = generated.codes[1].tolist()
+    assert said[0] == 5 and said.count(2) == 2 and said[-1] == 2, said
+    alone = generate_codes(model, spoken_tok, rows[:1], 50, SamplingConfig(seed=0), spoken=spoken[:1])
+    assert alone.codes[0].tolist() == [5, 2]
+    with pytest.raises(ValueError, match="needs each row's spoken characters"):
+        generate_codes(model, spoken_tok, rows, 50, GREEDY)
+    with pytest.raises(ValueError, match="for interleaved SpeechLMs"):
+        generate_codes(model, tok, [tts_prompt(tok, "Hi!")], 50, GREEDY, spoken=spoken[:1])
+    with pytest.raises(ValueError, match="nothing to say"):
+        generate_codes(model, spoken_tok, rows[:1], 50, GREEDY, spoken=[[]])
+
+
 # --- voices ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_code_block_is_contiguous_and_after_every_other_token(tok: SpeechTokeniz
     code_ids = sorted(i for token, i in vocab.items() if token.startswith("<|c_"))
     assert code_ids == list(range(tok.code_offset, tok.code_offset + CODEBOOK))
     specials = tok.layout.special_ids
-    assert len(set(specials.values())) == len(specials) == 9
+    assert len(set(specials.values())) == len(specials) == 10
     # Text first, then specials: a trained BPE brings none, so every special is new and above the text.
     assert min(specials.values()) >= tok.layout.text_vocab_size
 
@@ -152,6 +152,21 @@ def test_load_refuses_mismatched_layouts(tok: SpeechTokenizer, tmp_path: Path) -
         SpeechTokenizer.from_pretrained(tmp_path / "tok")
 
 
+def test_layouts_saved_before_advance_existed_still_load(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints and artifacts saved before <|advance|> was reserved are plain-format tokenizers."""
+    import voxlm.speechlm.tokenizer as tokenizer_module
+
+    older = {k: v for k, v in tokenizer_module.CONTROL_TOKENS.items() if k != "advance"}
+    monkeypatch.setattr(tokenizer_module, "CONTROL_TOKENS", older)
+    SpeechTokenizer.build(train_text_tokenizer(SENTENCES, vocab_size=280), CODEBOOK).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = SpeechTokenizer.from_pretrained(tmp_path)
+    assert loaded.advance_id is None and not loaded.interleaved
+    assert json.loads((tmp_path / LAYOUT_FILE).read_text())["special_ids"].keys() == {"bos", "eos", "pad",
+                                                                                     *older}
+
+
 def test_pretrained_tokenizer_keeps_its_bos_eos(tmp_path: Path) -> None:
     """A Llama-3-like folder: its own bos/eos are reused, pad and the control tokens are added after."""
     text = train_text_tokenizer(SENTENCES, vocab_size=280)
@@ -162,7 +177,7 @@ def test_pretrained_tokenizer_keeps_its_bos_eos(tmp_path: Path) -> None:
     tok = SpeechTokenizer.build(loaded, 16)
     assert tok.layout.text_vocab_size == n_text
     assert tok.bos_id < n_text and tok.eos_id < n_text and tok.pad_id >= n_text
-    assert tok.code_offset == n_text + 7  # pad + 6 control tokens
+    assert tok.code_offset == n_text + 8  # pad + 7 control tokens
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -473,6 +488,8 @@ def test_phrase_examples_are_a_few_words_with_their_codes(tok: SpeechTokenizer, 
     assert np.array_equal(longest.input_ids, tts_sequence(tok, text, codes).input_ids)
     with pytest.raises(ValueError, match="word_cuts must be"):
         ShardWriter(tmp_path / "bad").add("x", codes, text, "spk", 0.8, word_cuts=[0, 10, 80])
+    with pytest.raises(ValueError, match="char_starts must be"):
+        ShardWriter(tmp_path / "bad").add("x", codes, text, "spk", 0.8, char_starts=[0, 30, 20])
 
 
 def test_pretrain_dataset_refuses_phrases_without_word_timings(tok: SpeechTokenizer,
@@ -482,3 +499,81 @@ def test_pretrain_dataset_refuses_phrases_without_word_timings(tok: SpeechTokeni
     with pytest.raises(ValueError, match="phrase_words"):
         PretrainDataset(shards, tok, {"text_speech": 1.0}, seq_len=48, phrase_words=(3, 2))
     PretrainDataset(shards, tok, {"text_speech": 1.0, "phrase": 0.0}, seq_len=48)  # weight 0: not needed
+
+
+# --- the interleaved format --------------------------------------------------------------------------------
+
+ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
+
+
+@pytest.fixture(scope="module")
+def spoken_tok() -> SpeechTokenizer:
+    return SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                 spoken_alphabet=ALPHABET)
+
+
+def test_interleaved_tts_puts_each_character_before_its_codes(spoken_tok: SpeechTokenizer,
+                                                                tmp_path: Path) -> None:
+    text, codes = "Hi, bo!", np.arange(20) % CODEBOOK
+    starts = [0, 4, 9, 10, 15]  # h i ' ' b o
+    prompt_codes = np.arange(7)
+    example = tts_sequence(spoken_tok, text, codes, "Ignored transcript.", prompt_codes, char_starts=starts)
+    ids, labels = example.input_ids, example.labels
+    prompt = tts_prompt(spoken_tok, text, "Ignored transcript.", prompt_codes)
+    assert spoken_tok.decode_text(prompt) == text  # the voice prompt is its codes alone
+    assert list(prompt[-9:]) == [spoken_tok.voice_start_id, *spoken_tok.code_to_token(prompt_codes),
+                                 spoken_tok.voice_end_id]
+    np.testing.assert_array_equal(ids[: len(prompt)], prompt)
+    assert (labels[: len(prompt)] == IGNORE).all()
+    chars = spoken_tok.spoken_char_ids(text)
+    expected_ids, expected_labels = [], []
+    for char, start, end in zip(chars, starts, [*starts[1:], len(codes)], strict=True):
+        expected_ids += [char, *spoken_tok.code_to_token(codes[start:end])]
+        expected_labels += [spoken_tok.advance_id, *spoken_tok.code_to_token(codes[start:end])]
+    body = slice(len(prompt), len(ids) - 2)
+    assert ids[body].tolist() == expected_ids and labels[body].tolist() == expected_labels
+    assert ids[-2] == labels[-2] == spoken_tok.speech_end_id and labels[-1] == IGNORE
+    assert len(chars) == 5 and spoken_tok.decode_text(chars) == "hi bo"
+    with pytest.raises(ValueError, match="needs the character timings"):
+        tts_sequence(spoken_tok, text, codes)
+    with pytest.raises(ValueError, match="5 spoken characters but 3"):
+        tts_sequence(spoken_tok, text, codes, char_starts=starts[:3])
+    spoken_tok.save_pretrained(tmp_path / "tok")
+    loaded = SpeechTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.interleaved and loaded.char_ids == spoken_tok.char_ids
+    assert loaded.advance_id == spoken_tok.advance_id < loaded.code_offset
+
+
+def interleaved_shards(tmp_path: Path, alphabet: str | None = ALPHABET) -> CodeShards:
+    """Two speakers with 3 utterances each, every one with character timings (one frame per 2 codes
+    per character, spread evenly)."""
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(tmp_path / "spoken")
+    for i in range(6):
+        text = SENTENCES[i]
+        chars = len(" ".join("".join(c for c in text.lower() if c in ALPHABET).split()))
+        n = 3 * chars
+        writer.add(f"utt{i}", rng.integers(0, CODEBOOK, n), text, f"spk{i % 2}", duration=n / 100,
+                   char_starts=list(range(0, n, 3)))
+    writer.close({"codebook_size": CODEBOOK, "frame_rate": 100.0, "sample_rate": 16000, "alphabet": alphabet})
+    return CodeShards(tmp_path / "spoken")
+
+
+def test_interleaved_datasets_train_on_characters_and_codes(spoken_tok: SpeechTokenizer,
+                                                            tmp_path: Path) -> None:
+    shards = interleaved_shards(tmp_path)
+    sft = SFTDataset(shards, spoken_tok, seed=0, max_len=4000)
+    item = sft[0]
+    target, prompt = shards[int(sft.targets[0])], item["prompt_id"]
+    assert prompt is not None and prompt != target.id
+    labels = item["labels"]
+    assert (labels == spoken_tok.advance_id).sum() == len(target.char_starts)
+    assert spoken_tok.is_code(labels).sum() == len(target.codes)
+    stream = PretrainDataset(shards, spoken_tok, {"text_speech": 1.0}, seq_len=256, seed=0)
+    row = next(iter(stream))
+    assert (row["labels"] == spoken_tok.advance_id).any()
+    with pytest.raises(ValueError, match="phrases are for the plain format"):
+        PretrainDataset(shards, spoken_tok, {"text_speech": 1.0, "phrase": 0.5}, seq_len=256)
+    other = interleaved_shards(tmp_path / "other", alphabet="abc")
+    with pytest.raises(ValueError, match="character timings for 'abc'"):
+        SFTDataset(other, spoken_tok)

@@ -18,6 +18,7 @@ from conftest import PRETRAIN_STEPS, export, train
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from voxlm.codec.losses import spoken_characters
 from voxlm.data.shards import CodeShards
 from voxlm.eval.text_use import text_use
 from voxlm.speechlm.model import load_speechlm
@@ -66,7 +67,8 @@ def test_pretrain_writes_a_hugging_face_model_and_tokenizer(pretrain_run: Path, 
 
 
 def test_tokenize_stores_word_timings_that_phrases_are_cut_at(shards: Path) -> None:
-    """The codec trained with its CTC head, so every utterance's words come with their frames."""
+    """The codec trained with its CTC head, so every utterance's words and characters come with their
+    frames."""
     train_shards = CodeShards(shards / "train")
     assert train_shards.meta["word_cuts"] == len(train_shards)
     for i in range(len(train_shards)):
@@ -74,6 +76,42 @@ def test_tokenize_stores_word_timings_that_phrases_are_cut_at(shards: Path) -> N
         cuts = utterance.word_cuts
         assert len(cuts) == len(utterance.text.split()) + 1
         assert cuts[0] == 0 and cuts[-1] == len(utterance.codes) and cuts == sorted(cuts)
+        starts = utterance.char_starts
+        assert len(starts) == len(spoken_characters(utterance.text, train_shards.meta["alphabet"]))
+        assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(utterance.codes)
+
+
+def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Path, shards: Path,
+                                                tmp_path: Path) -> None:
+    """speechlm.tokenizer.interleave=true end to end on the tiny corpus: pretrain and SFT on characters
+    interleaved with their codes, synth.py speaks through the codec, and the parts that do not take the
+    format yet (export, text_use) refuse it by name instead of producing something wrong."""
+    spoken = ("speechlm.tokenizer.interleave=true",)
+    train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
+          f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}", *spoken)
+    pretrained = workspace / "runs/pretrain/spoken"
+    tok = SpeechTokenizer.from_pretrained(pretrained / "hf")
+    train_shards = CodeShards(shards / "train")
+    assert tok.interleaved and tok.layout.spoken_alphabet == train_shards.meta["alphabet"]
+    m = metrics(pretrained)
+    assert m["train/loss"] < m["train_loss_first"] - 0.3
+    train(workspace, tiny_corpus, "sft", "run_name=spoken", "stage.pretrain_run=spoken", *spoken)
+    sft = workspace / "runs/sft/spoken"
+    assert SpeechTokenizer.from_pretrained(sft / "hf").interleaved
+    codec_pt = Path(train_shards.meta["codec_run"]) / "codec.pt"
+    out = tmp_path / "spoken.wav"
+    result = subprocess.run([sys.executable, str(ROOT / "synth.py"), "text=Hello there.", f"speechlm={sft}",
+                             f"codec={codec_pt}", f"out={out}", "stream=true", "length.base_seconds=0.5"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.exists() and out.stat().st_size > 1000
+    refused = export(workspace, tiny_corpus, f"speechlm={sft}", f"out={workspace / 'artifacts/spoken'}")
+    assert refused.returncode != 0
+    assert "interleaved SpeechLM, which export does not take yet" in refused.stderr
+    assert not (workspace / "artifacts/spoken").exists()
+    model = AutoModelForCausalLM.from_pretrained(sft / "hf", local_files_only=True)
+    with pytest.raises(ValueError, match="text_use measures the plain format"):
+        text_use(model, tok, train_shards)
 
 
 def test_pretraining_lowers_the_loss(pretrain_run: Path, shards: Path) -> None:

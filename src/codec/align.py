@@ -40,13 +40,46 @@ def load_ctc_head(codec_run: str | Path) -> CTCHead | None:
     return head.eval()
 
 
+def code_log_probs(head: CTCHead, quantizer: FSQ, codes: np.ndarray) -> torch.Tensor:
+    """The head's log-probabilities [frames, blank + alphabet] for an utterance's codes."""
+    latents = quantizer.codes_to_latent(torch.as_tensor(np.asarray(codes), dtype=torch.long))
+    return head.net(latents.T[None].float()).log_softmax(dim=1)[0].T
+
+
 @torch.inference_mode()
 def word_cuts(head: CTCHead, quantizer: FSQ, codes: np.ndarray, text: str) -> list[int] | None:
     """Frame cuts between the words of `text.split()` in `codes` (see `cuts_from_log_probs`)."""
-    latents = quantizer.codes_to_latent(torch.as_tensor(np.asarray(codes), dtype=torch.long))
-    log_probs = head.net(latents.T[None].float()).log_softmax(dim=1)[0].T  # [frames, blank + alphabet]
-    return cuts_from_log_probs(log_probs, [head.encode_text(word) for word in text.split()],
-                               head.char_to_id[" "])
+    return cuts_from_log_probs(code_log_probs(head, quantizer, codes),
+                               [head.encode_text(word) for word in text.split()], head.char_to_id[" "])
+
+
+@torch.inference_mode()
+def char_starts(head: CTCHead, quantizer: FSQ, codes: np.ndarray, text: str) -> list[int] | None:
+    """The first frame of each character the head reads in `text` (`spoken_characters(text, head.alphabet)`,
+    spaces included): character i is codes[starts[i]:starts[i + 1]], the last one runs to the end. None when
+    the text has no such character or more than the frames can hold."""
+    return starts_from_log_probs(code_log_probs(head, quantizer, codes), head.encode_text(text))
+
+
+def character_spans(log_probs: torch.Tensor, targets: list[int]) -> list | None:
+    """torchaudio's Viterbi alignment of character ids through CTC log-probabilities [frames, classes]
+    (blank = 0): one TokenSpan (start, end frames) per target, in order; None when the targets cannot fit
+    (CTC needs a blank between repeated characters)."""
+    repeats = sum(a == b for a, b in zip(targets, targets[1:], strict=False))
+    if not targets or len(targets) + repeats > log_probs.shape[0]:
+        return None
+    emissions = log_probs[None].float().contiguous()  # torchaudio's kernel reads the memory as it lies
+    labels, _ = forced_align(emissions, torch.tensor([targets], dtype=torch.int32), blank=0)
+    return merge_tokens(labels[0], torch.zeros(log_probs.shape[0]))
+
+
+def starts_from_log_probs(log_probs: torch.Tensor, targets: list[int]) -> list[int] | None:
+    """Each target character's first frame: 0 for the first, then the middle of the gap between one
+    character's aligned frames and the next one's (CTC's spikes are narrower than the sounds)."""
+    spans = character_spans(log_probs, targets)
+    if spans is None:
+        return None
+    return [0] + [(before.end + after.start) // 2 for before, after in zip(spans, spans[1:], strict=False)]
 
 
 def cuts_from_log_probs(log_probs: torch.Tensor, word_chars: list[list[int]], space: int) -> list[int] | None:
@@ -67,12 +100,9 @@ def cuts_from_log_probs(log_probs: torch.Tensor, word_chars: list[list[int]], sp
         first_char[i] = len(targets)
         targets += word_chars[i]
         last_char[i] = len(targets) - 1
-    repeats = sum(a == b for a, b in zip(targets, targets[1:], strict=False))
-    if len(targets) + repeats > frames:  # CTC puts a blank between repeated characters
+    spans = character_spans(log_probs, targets)
+    if spans is None:
         return None
-    emissions = log_probs[None].float().contiguous()  # torchaudio's kernel reads the memory as it lies
-    labels, _ = forced_align(emissions, torch.tensor([targets], dtype=torch.int32), blank=0)
-    spans = merge_tokens(labels[0], torch.zeros(frames))  # one span per target character, in order
     cuts = [0] * (len(word_chars) + 1)
     cuts[-1] = frames
     for before, after in zip(readable, readable[1:], strict=False):

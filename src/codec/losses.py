@@ -75,6 +75,13 @@ def feature_matching_loss(real_features: list[list[Tensor]], fake_features: list
     return torch.stack(losses).mean()
 
 
+def spoken_characters(text: str, alphabet: str) -> str:
+    """The characters of `text` a CTC head over `alphabet` reads: lowercased, every other character dropped,
+    then runs of spaces made one ("a - b" reads "a b")."""
+    kept = "".join(char for char in text.lower() if char in alphabet or char.isspace())
+    return re.sub(r"\s+", " ", kept).strip()
+
+
 class CTCHead(nn.Module):
     """Predicts the transcript's characters from quantized latents, trained with CTC (blank = index 0).
 
@@ -94,8 +101,7 @@ class CTCHead(nn.Module):
         )
 
     def encode_text(self, text: str) -> list[int]:
-        text = re.sub(r"\s+", " ", text.lower()).strip()
-        return [self.char_to_id[char] for char in text if char in self.char_to_id]
+        return [self.char_to_id[char] for char in spoken_characters(text, self.alphabet)]
 
     def forward(self, latents: Tensor, frame_lengths: Tensor, texts: list[str]) -> Tensor:
         """latents [B, F, D], frames per item [B], transcripts -> mean CTC loss per target character."""

@@ -2,7 +2,8 @@
 
 Reads: the codec run named by cfg.stage.codec_run ('latest' by default) and cfg.data.
 Writes: <run folder>/shards/<split>/ (see voxlm.data.shards); the SpeechLM stages read only these. When the
-codec run has a CTC head, every utterance's word timings go with its codes (voxlm.codec.align).
+codec run has a CTC head, every utterance's word and character timings go with its codes
+(voxlm.codec.align).
 A split whose shards are complete and were made from the same data and codec is skipped, so an interrupted
 run resumes where it stopped; a changed corpus or codec is re-encoded.
 """
@@ -20,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from voxlm.codec.align import load_ctc_head, word_cuts
+from voxlm.codec.align import char_starts, load_ctc_head, word_cuts
 from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
 from voxlm.data.shards import ShardWriter, is_complete
@@ -59,8 +60,8 @@ def made_from(split_dir: Path, source: dict) -> bool:
 
 @torch.inference_mode()
 def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: str, ctc_head=None) -> int:
-    """Encode the dataset into the writer; with a CTC head, align each transcript too. Returns how many
-    utterances got word cuts."""
+    """Encode the dataset into the writer; with a CTC head, align each transcript too (word cuts and
+    character starts). Returns how many utterances were aligned."""
     hop = codec.hop_length
     aligned = 0
     for batch in tqdm(duration_batches(dataset.durations, batch_size), desc=desc, unit="batch"):
@@ -75,11 +76,13 @@ def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: s
         codes = codec.encode(audio, lengths).cpu().numpy()
         for row, utterance in enumerate(utterances):
             frames = math.ceil(len(utterance.audio) / hop)
-            cuts = (word_cuts(ctc_head, codec.quantizer, codes[row, :frames], utterance.text)
-                    if ctc_head is not None else None)
+            cuts = starts = None
+            if ctc_head is not None:
+                cuts = word_cuts(ctc_head, codec.quantizer, codes[row, :frames], utterance.text)
+                starts = char_starts(ctc_head, codec.quantizer, codes[row, :frames], utterance.text)
             aligned += cuts is not None
             writer.add(utterance.id, codes[row, :frames], utterance.text, utterance.speaker,
-                       len(utterance.audio) / utterance.sample_rate, word_cuts=cuts)
+                       len(utterance.audio) / utterance.sample_rate, word_cuts=cuts, char_starts=starts)
     return aligned
 
 
@@ -90,8 +93,10 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     meta = {"codec_run": str(codec_dir), "codebook_size": codec.codebook_size,
             "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate, "hop_length": codec.hop_length}
     ctc_head = load_ctc_head(codec_dir)
+    if ctc_head is not None:
+        meta["alphabet"] = ctc_head.alphabet  # what char_starts count: voxlm.codec.losses.spoken_characters
     source = {"data": data_fingerprint(cfg.data), "codec": file_digest(codec_dir / "codec.pt")[:16],
-              "word_cuts": ctc_head is not None}
+              "word_cuts": ctc_head is not None, "char_starts": ctc_head is not None}
     summary = {}
     for split in stage.splits:
         split_dir = Path(run_dir) / "shards" / split

@@ -3,8 +3,10 @@
 One folder per split:
     <root>/<split>/codes-00000.bin   int32 codes of many utterances back to back (memory-mapped to read)
     <root>/<split>/index.jsonl       a line per utterance: id, text, speaker, duration, shard, offset, length,
-                                     and word_cuts where the codec could align the text (voxlm.codec.align)
-    <root>/<split>/meta.json         codec facts (codebook size, frame rate, sample rate, checkpoint) + counts
+                                     and word_cuts + char_starts where the codec could align the text
+                                     (voxlm.codec.align)
+    <root>/<split>/meta.json         codec facts (codebook size, frame rate, sample rate, checkpoint, the CTC
+                                     alphabet char_starts count in) + counts
 A shard file is closed when it reaches `max_codes_per_shard`, so a large corpus stays in files of bounded
 size. meta.json is written last: a split without it was interrupted and is rebuilt.
 """
@@ -29,6 +31,9 @@ class CodedUtterance:
     speaker: str
     duration: float
     word_cuts: list[int] | None = None  # word i of text.split() is codes[cuts[i]:cuts[i + 1]]
+    # Character i of spoken_characters(text, meta["alphabet"]) is codes[starts[i]:starts[i + 1]] (the last
+    # one runs to the end).
+    char_starts: list[int] | None = None
 
 
 class ShardWriter:
@@ -57,7 +62,7 @@ class ShardWriter:
         self.shard_codes = 0
 
     def add(self, id: str, codes: np.ndarray, text: str, speaker: str, duration: float,
-            word_cuts: list[int] | None = None) -> None:
+            word_cuts: list[int] | None = None, char_starts: list[int] | None = None) -> None:
         codes = np.asarray(codes)
         if codes.ndim != 1 or codes.size == 0:
             raise ValueError(f"utterance {id}: expected a non-empty 1-D code array, got shape {codes.shape}")
@@ -74,6 +79,12 @@ class ShardWriter:
                 raise ValueError(f"utterance {id}: word_cuts must be len(words) + 1 cuts from 0 to the "
                                  f"{codes.size} codes, got {word_cuts}")
             row["word_cuts"] = [int(c) for c in word_cuts]
+        if char_starts is not None:
+            starts = np.asarray(char_starts)
+            if not len(starts) or starts[0] != 0 or (np.diff(starts) < 0).any() or starts[-1] >= codes.size:
+                raise ValueError(f"utterance {id}: char_starts must be non-decreasing frames from 0, each "
+                                 f"below the {codes.size} codes, got {list(char_starts)}")
+            row["char_starts"] = [int(c) for c in char_starts]
         self.index.write(json.dumps(row) + "\n")
         self.shard_codes += codes.size
         self.num_codes += codes.size
@@ -115,7 +126,7 @@ class CodeShards:
         row = self.rows[i]
         codes = self.shards[row["shard"]][row["offset"]: row["offset"] + row["length"]]
         return CodedUtterance(row["id"], codes, row["text"], row["speaker"], row["duration"],
-                              row.get("word_cuts"))
+                              row.get("word_cuts"), row.get("char_starts"))
 
     @property
     def codebook_size(self) -> int:

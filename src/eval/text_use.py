@@ -42,6 +42,9 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
              seed: int = 0) -> TextUse:
     """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
     with the transcript of the next one drawn."""
+    if tok.interleaved:
+        raise ValueError("text_use measures the plain format; an interleaved SpeechLM is fed each character "
+                         "right before its speech, so it cannot help but read the text")
     rng = np.random.default_rng(seed)
     picked = [int(i) for i in rng.permutation(len(shards))[: min(count, len(shards))]]
     if len(picked) < 2:

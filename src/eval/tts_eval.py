@@ -148,13 +148,15 @@ def synthesize_cases(model: torch.nn.Module, tok: SpeechTokenizer, codec: Codec,
     for start in tqdm(range(0, len(cases), batch_size), desc="synthesize", unit="batch", leave=False):
         batch = cases[start: start + batch_size]
         prompts, limits = [], []
+        spoken = ([tok.spoken_char_ids(normalize_text(case.text)) for case in batch] if tok.interleaved
+                  else None)
         for case in batch:
             prompts.append(case_prompt(tok, codec, case))
             num_tokens = len(tok.encode_text(normalize_text(case.text)))
             limits.append(frame_limit(num_tokens, length_cfg.base_seconds * rate,
                                       length_cfg.seconds_per_text_token * rate))
         started = time.perf_counter()
-        generation = generate_codes(model, tok, prompts, limits, sampling)
+        generation = generate_codes(model, tok, prompts, limits, sampling, spoken=spoken)
         audios = [decode_codes(codec, codes) for codes in generation.codes]
         seconds = time.perf_counter() - started
         total_samples = max(1, sum(len(audio) for audio in audios))

@@ -108,6 +108,10 @@ def export_artifact(cfg: DictConfig) -> Path:
     codec_dir = find_run(sources.codec, runs_dir, "codec")
     codec = load_codec(codec_dir).eval()
     torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
+    if tok.interleaved:
+        raise ValueError(f"{speechlm_dir} is an interleaved SpeechLM, which export does not take yet: the "
+                         "MAX sampler draws from the code block and [speech_end] only, never <|advance|>. "
+                         "Export a plain-format run (speechlm.tokenizer.interleave=false)")
     out = Path(cfg.out)
     log.info("exporting %s + %s for %s/%s to %s", speechlm_dir, codec_dir, cfg.device, cfg.dtype, out)
 

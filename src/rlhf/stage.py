@@ -58,6 +58,11 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = load_codec(codec_dir, map_location=device)
     model, tok = load_speechlm(sft_dir, codec.codebook_size, device)
+    if tok.interleaved:
+        raise ValueError(f"{sft_dir} is an interleaved SpeechLM, which RLHF does not align yet: its samples "
+                         "hold the characters that generation fed, and the preference trainers would score "
+                         "them as sampled. Align a plain-format SFT run "
+                         "(speechlm.tokenizer.interleave=false)")
     judges = Judges.load()
 
     cases = build_cases(cfg.data, stage.prompts.split, stage.prompts.split, codec.sample_rate,

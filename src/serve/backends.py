@@ -96,6 +96,10 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
     """The PyTorch reference: the HF SpeechLM and the codec as trained, the NumPy silence detector."""
     codec = load_codec(codec_path, map_location=device).eval()
     model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype)
+    if tok.interleaved:
+        raise ValueError(f"{checkpoint} is an interleaved SpeechLM, which the server does not run yet: its "
+                         "engine does not feed the spoken characters. Serve a plain-format model "
+                         "(speechlm.tokenizer.interleave=false), or use synth.py")
 
     def to_tensors(cache: DynamicCache) -> list[Tensor]:
         return [t for layer in cache.layers for t in (layer.keys, layer.values)]

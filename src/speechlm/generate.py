@@ -9,7 +9,10 @@ still being sampled, and because the SpeechLM's rules are its own:
 - only code tokens and [speech_end] are ever sampled: text, control and padded-vocabulary rows are masked;
 - a row stops at [speech_end], independently of the other rows of its batch;
 - a row that never says [speech_end] is cut off at its `max_frames` (see `frame_limit`: a budget that grows
-  with the text's length) and flagged `truncated`, so a babbling model costs a bounded amount of compute.
+  with the text's length) and flagged `truncated`, so a babbling model costs a bounded amount of compute;
+- in the interleaved format (voxlm.speechlm.sequences) each row's spoken characters (`spoken`) are fed in
+  order: the first after the prompt, the next each time the model says <|advance|>, which it may only say
+  while a character is left; [speech_end] only after the last one. Only codes are yielded.
 
 Greedy decoding (do_sample false or temperature 0; repetition_penalty 1) is the argmax path of a plain
 full-recompute forward, which the tests check; sampling is reproducible from `seed` (a torch.Generator).
@@ -165,23 +168,33 @@ def _frame_limits(max_frames: int | Sequence[int], prompt_lengths: Tensor, conte
 @torch.no_grad()
 def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence[Prompt],
                  max_frames: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
-                 chunk_frames: Sequence[int] = (1,)) -> Iterator[CodeChunk]:
+                 chunk_frames: Sequence[int] = (1,),
+                 spoken: Sequence[Sequence[int]] | None = None) -> Iterator[CodeChunk]:
     """Sample codes for a batch of prompts, yielding them in chunks as they are sampled.
 
     chunk_frames is the schedule of chunk sizes in decoding steps (the last size repeats), e.g. [10, 25, 50]:
     a small first chunk for a short time to first audio, then larger ones. A chunk also comes when the last
-    row stops. max_frames: one limit for all rows or one per row (see `frame_limit`). The model should be in
-    eval mode; it is run as given.
+    row stops. max_frames: one limit for all rows or one per row (see `frame_limit`). spoken: each row's
+    `tok.spoken_char_ids(text)`, for an interleaved tokenizer only. The model should be in eval mode; it is
+    run as given.
     """
     if not chunk_frames or min(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be positive sizes, got {list(chunk_frames)}")
+    if tok.interleaved != (spoken is not None):
+        raise ValueError("an interleaved SpeechLM needs each row's spoken characters (spoken=), and only it"
+                         if tok.interleaved else "spoken= is for interleaved SpeechLMs; this one is plain")
     device = model.device
+    chars = _spoken_queue(spoken, len(prompts)) if spoken is not None else None
+    if chars is not None:  # the first character follows the prompt; the rest wait for <|advance|>
+        prompts = [np.append(np.asarray(p), int(first))
+                   for p, first in zip(prompts, chars[:, 0], strict=True)]
     ids, mask = left_pad(prompts, tok.pad_id)
     ids, mask = ids.to(device), mask.to(device)
     batch = len(ids)
-    limits = _frame_limits(max_frames, mask.sum(1).cpu(),
+    num_chars = (chars >= 0).sum(1) if chars is not None else torch.ones(batch, dtype=torch.long)
+    limits = _frame_limits(max_frames, mask.sum(1).cpu() + num_chars - 1,
                            getattr(model.config, "max_position_embeddings", None)).to(device)
-    max_steps = int(limits.max())
+    max_steps = int((limits + num_chars.to(device) - 1).max())
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -190,8 +203,12 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)
+    allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)[None].repeat(batch, 1)
+    if chars is not None:
+        chars, num_chars = chars.to(device), num_chars.to(device)
+        next_char = torch.ones(batch, dtype=torch.long, device=device)  # index into each row's characters
     next_position = mask.sum(1)
+    made = torch.zeros(batch, dtype=torch.long, device=device)  # codes per row
     history = torch.full((batch, max_steps), -1, dtype=torch.long, device=device)  # code token ids
     active = torch.ones(batch, dtype=torch.bool, device=device)
     truncated = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -200,13 +217,17 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
 
     for step in range(max_steps):
         recent = history[:, 0 if window is None else max(0, step - window): step]
+        if chars is not None:
+            more = next_char < num_chars
+            allowed[:, tok.advance_id], allowed[:, tok.speech_end_id] = more, ~more
         token = next_tokens(out.logits[:, -1].float(), allowed, recent, sampling, generator)
-        is_code = active & (token != tok.speech_end_id)
+        is_code = active & tok.is_code(token)
+        advancing = active & (token == tok.advance_id) if chars is not None else torch.zeros_like(active)
         history[:, step] = torch.where(is_code, token, -1)
-        # Rows advance in lockstep, so an active row has made step + 1 codes by now.
-        cut = is_code & (step + 1 >= limits)
+        made += is_code.long()
+        cut = is_code & (made >= limits)
         truncated |= cut
-        active &= is_code & ~cut
+        active &= (is_code | advancing) & ~cut
         done = not bool(active.any())
 
         size = chunk_frames[min(chunk_index, len(chunk_frames) - 1)]
@@ -217,10 +238,25 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
             return
         # Stopped rows are fed padding that nothing attends to; their outputs are ignored from now on.
         mask = torch.cat([mask, active[:, None].long()], dim=1)
+        if chars is not None:  # <|advance|> is said, the next character is fed
+            upcoming = chars.gather(1, next_char.clamp(max=chars.shape[1] - 1)[:, None])[:, 0]
+            token = torch.where(advancing, upcoming, token)
+            next_char += advancing.long()
         fed = torch.where(active, token, tok.pad_id)[:, None]
         out = model(input_ids=fed, attention_mask=mask, position_ids=next_position[:, None],
                     cache=out.cache, use_cache=True, logits_to_keep=1)
         next_position = next_position + active.long()
+
+
+def _spoken_queue(spoken: Sequence[Sequence[int]], batch: int) -> Tensor:
+    """Each row's spoken characters, right-padded with -1: LongTensor [B, longest]."""
+    if len(spoken) != batch or any(len(row) == 0 for row in spoken):
+        raise ValueError(f"need one non-empty list of spoken characters per prompt ({batch}), got "
+                         f"{[len(row) for row in spoken]}: a text with nothing to say cannot be spoken")
+    chars = torch.full((batch, max(len(row) for row in spoken)), -1, dtype=torch.long)
+    for b, row in enumerate(spoken):
+        chars[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return chars
 
 
 def _chunk(tokens: Tensor, active: Tensor, truncated: Tensor, code_offset: int) -> CodeChunk:
@@ -229,12 +265,12 @@ def _chunk(tokens: Tensor, active: Tensor, truncated: Tensor, code_offset: int) 
 
 
 def generate_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence[Prompt],
-                   max_frames: int | Sequence[int],
-                   sampling: SamplingConfig = SamplingConfig()) -> Generation:
+                   max_frames: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
+                   spoken: Sequence[Sequence[int]] | None = None) -> Generation:
     """Every row's complete codes (the same samples `stream_codes` yields for the same settings)."""
     codes: list[list[Tensor]] = [[] for _ in prompts]
     truncated = [False] * len(prompts)
-    for chunk in stream_codes(model, tok, prompts, max_frames, sampling, chunk_frames=(64,)):
+    for chunk in stream_codes(model, tok, prompts, max_frames, sampling, chunk_frames=(64,), spoken=spoken):
         for row, piece in enumerate(chunk.codes):
             codes[row].append(piece)
         truncated = chunk.truncated

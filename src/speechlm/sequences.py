@@ -19,6 +19,17 @@ IGNORE (-100) marks positions without loss. Formats (K = codes, [x] = one token)
     continuation (pretrain)   [bos] [speech_start] codes [speech_end] [eos]; loss: codes + [speech_end]
     text (pretrain)           [bos] text [eos]; loss: text + [eos]
 [bos] never carries loss, which is what makes packing simple (see `pack`). Generation stops at [speech_end].
+
+The interleaved format (a tokenizer with a spoken alphabet, `SpeechTokenizer.interleaved`; after ELLA-V,
+Song et al. 2024) puts each spoken character of the text into the speech, right before its codes, at the
+character timings the tokenize stage stored (`char_starts`, voxlm.codec.align):
+
+    tts / text_speech         [bos] [text_start] text [text_end] [speech_start] ([voice_start] prompt codes
+                              [voice_end]) c1 codes(c1) c2 codes(c2) ... [speech_end] [eos]
+                              loss: <|advance|> at each character, the codes, [speech_end]
+The model never has to find its place in the text: the character it is saying sits right before the codes
+it predicts, and it only decides when to move on (<|advance|>); generation then feeds the next character
+(voxlm.speechlm.generate). A voice prompt is its codes alone: no transcript is needed.
 """
 
 from __future__ import annotations
@@ -56,9 +67,15 @@ def _ids(*parts: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def tts_prompt(tok: SpeechTokenizer, text: str, prompt_text: str | None = None,
                prompt_codes: np.ndarray | None = None) -> np.ndarray:
-    """What generation starts from: the tts format up to the voice prompt's last code (or [speech_start])."""
+    """What generation starts from: the tts format up to the voice prompt's last code (or [speech_start]);
+    in the interleaved format, up to [voice_end] (the prompt's transcript is not used)."""
     if (prompt_text is None) != (prompt_codes is None):
         raise ValueError("a voice prompt needs both its transcript and its codes")
+    if tok.interleaved:
+        voice = ([] if prompt_codes is None else
+                 _ids([tok.voice_start_id], tok.code_to_token(np.asarray(prompt_codes)), [tok.voice_end_id]))
+        return _ids([tok.bos_id, tok.text_start_id], tok.encode_text(text.strip()), [tok.text_end_id],
+                    [tok.speech_start_id], voice)
     if prompt_codes is not None:
         # One text span for both: the model reads where the prompt's words end and the target's begin.
         text = prompt_text.strip() + " " + text.strip()
@@ -70,14 +87,37 @@ def tts_prompt(tok: SpeechTokenizer, text: str, prompt_text: str | None = None,
 
 
 def tts_sequence(tok: SpeechTokenizer, text: str, codes: np.ndarray, prompt_text: str | None = None,
-                 prompt_codes: np.ndarray | None = None) -> Example:
-    """The tts format for `text` spoken as `codes`, optionally after a voice prompt; loss on target speech."""
+                 prompt_codes: np.ndarray | None = None, char_starts: Sequence[int] | None = None) -> Example:
+    """The tts format for `text` spoken as `codes`, optionally after a voice prompt; loss on target speech.
+    The interleaved format needs the text's `char_starts` in the codes."""
     prompt = tts_prompt(tok, text, prompt_text, prompt_codes)
-    target = _ids(tok.code_to_token(np.asarray(codes)), [tok.speech_end_id])
+    if tok.interleaved:
+        if char_starts is None:
+            raise ValueError("the interleaved format needs the character timings of the speech (char_starts)")
+        target, target_labels = interleaved_speech(tok, codes, tok.spoken_char_ids(text), char_starts)
+    else:
+        target = target_labels = _ids(tok.code_to_token(np.asarray(codes)), [tok.speech_end_id])
     input_ids = _ids(prompt, target, [tok.eos_id])
     labels = np.full_like(input_ids, IGNORE)
-    labels[len(prompt): len(prompt) + len(target)] = target
+    labels[len(prompt): len(prompt) + len(target)] = target_labels
     return Example(input_ids, labels)
+
+
+def interleaved_speech(tok: SpeechTokenizer, codes: np.ndarray, char_ids: Sequence[int],
+                       char_starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, labels) of the interleaved format's speech: each character's token then its codes
+    (codes[starts[i]:starts[i + 1]]), then [speech_end]. A character's label is <|advance|>: the model
+    learns when to move on, never which character comes (generation feeds it)."""
+    if len(char_ids) != len(char_starts):
+        raise ValueError(f"{len(char_ids)} spoken characters but {len(char_starts)} character timings: the "
+                         "code shards were aligned with another alphabet than the tokenizer's")
+    code_ids = tok.code_to_token(np.asarray(codes))
+    ends = [*char_starts[1:], len(code_ids)]
+    ids, labels = [], []
+    for char, start, end in zip(char_ids, char_starts, ends, strict=True):
+        ids += [char, *code_ids[start:end]]
+        labels += [tok.advance_id, *code_ids[start:end]]
+    return _ids(ids, [tok.speech_end_id]), _ids(labels, [tok.speech_end_id])
 
 
 def phrase_example(tok: SpeechTokenizer, utterance: CodedUtterance, words: int,
@@ -196,6 +236,11 @@ class PretrainDataset(IterableDataset):
         if len(phrase_words) != 2 or not 1 <= phrase_words[0] <= phrase_words[1]:
             raise ValueError(f"phrase_words is [min, max] words per phrase, 1 <= min <= max; got "
                              f"{list(phrase_words)}")
+        if tok.interleaved:
+            check_alphabet(shards, tok)
+            if weights.get("phrase", 0) > 0:
+                raise ValueError("phrases are for the plain format: in the interleaved format every "
+                                 "character already sits at its speech; set the phrase weight to 0")
         if weights.get("phrase", 0) > 0 and not any("word_cuts" in row for row in shards.rows):
             raise ValueError("the mixture asks for phrases but the code shards hold no word timings: "
                              "re-run `python train.py stage=tokenize` with a codec trained with its CTC "
@@ -218,8 +263,11 @@ class PretrainDataset(IterableDataset):
             elif source == "phrase":
                 words = int(rng.integers(self.phrase_words[0], self.phrase_words[1] + 1))
                 yield phrase_example(self.tok, utterance, words, rng)
+            elif self.tok.interleaved and utterance.char_starts is None:  # the aligner could not read it
+                yield continuation_example(self.tok, utterance.codes)
             else:
-                yield tts_sequence(self.tok, utterance.text, utterance.codes)
+                yield tts_sequence(self.tok, utterance.text, utterance.codes,
+                                   char_starts=utterance.char_starts)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for row in pack(self.examples(_stream_seed(self.seed)), self.seq_len, self.tok.pad_id):
@@ -245,13 +293,26 @@ class SFTDataset(Dataset):
         encoded = tok.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         self.text_len = np.array([len(ids) for ids in encoded], np.int64)
         self.frames = np.array([row["length"] for row in shards.rows], np.int64)
-        # 6 markers (bos, text_start/end, speech_start/end, eos) + 1 for the space that joins a prompt's
-        # transcript; a joined text that still comes out longer drops its prompt in __getitem__.
-        self.own_len = self.text_len + self.frames + 7
-        self.targets = np.flatnonzero(self.own_len <= self.max_len)
-        if len(self.targets) < len(shards):
+        if tok.interleaved:
+            check_alphabet(shards, tok)
+            # Each spoken character adds a token; a voice prompt is its codes between 2 markers, no text.
+            chars = np.array([len(row.get("char_starts") or []) for row in shards.rows], np.int64)
+            self.own_len = self.text_len + self.frames + chars + 6
+            self.prompt_len = self.frames + 2
+            usable = chars > 0
+        else:
+            # 6 markers (bos, text_start/end, speech_start/end, eos) + 1 for the space that joins a prompt's
+            # transcript; a joined text that still comes out longer drops its prompt in __getitem__.
+            self.own_len = self.text_len + self.frames + 7
+            self.prompt_len = self.text_len + self.frames
+            usable = np.ones(len(shards), bool)
+        self.targets = np.flatnonzero((self.own_len <= self.max_len) & usable)
+        if (~usable).any():
+            log.warning("SFT: %d of %d utterances have no character timings and are skipped",
+                        int((~usable).sum()), len(shards))
+        if (self.own_len > self.max_len).any():
             log.warning("SFT: %d of %d utterances exceed max_len=%s and are skipped",
-                        len(shards) - len(self.targets), len(shards), max_len)
+                        int((self.own_len > self.max_len).sum()), len(shards), max_len)
         prompt_ok = self.frames <= (max_prompt_frames or np.iinfo(np.int64).max)
         self.speakers = np.array([row["speaker"] for row in shards.rows])
         self.speaker_utterances = {
@@ -264,8 +325,7 @@ class SFTDataset(Dataset):
         """The shard index of item k's voice prompt, or None when no utterance of its speaker fits."""
         i = int(self.targets[k])
         candidates = self.speaker_utterances[self.speakers[i]]
-        fits = (candidates != i) & (self.own_len[i] + self.text_len[candidates] + self.frames[candidates]
-                                    <= self.max_len)
+        fits = (candidates != i) & (self.own_len[i] + self.prompt_len[candidates] <= self.max_len)
         candidates = candidates[fits]
         if not len(candidates):
             return None
@@ -275,12 +335,23 @@ class SFTDataset(Dataset):
         target = self.shards[int(self.targets[k])]
         p = self.prompt_index(k)
         prompt = self.shards[p] if p is not None else None
+        starts = target.char_starts
         if prompt is not None:
-            example = tts_sequence(self.tok, target.text, target.codes, prompt.text, prompt.codes)
+            example = tts_sequence(self.tok, target.text, target.codes, prompt.text, prompt.codes, starts)
         if prompt is None or len(example) > self.max_len:  # joined text came out longer than estimated
-            example, prompt = tts_sequence(self.tok, target.text, target.codes), None
+            example, prompt = tts_sequence(self.tok, target.text, target.codes, char_starts=starts), None
         return {"input_ids": example.input_ids, "labels": example.labels, "id": target.id,
                 "prompt_id": prompt.id if prompt is not None else None}
+
+
+def check_alphabet(shards: CodeShards, tok: SpeechTokenizer) -> None:
+    """The interleaved format reads the shards' character timings: they must count the tokenizer's
+    characters."""
+    if shards.meta.get("alphabet") != tok.layout.spoken_alphabet:
+        raise ValueError(
+            f"the tokenizer speaks the characters {tok.layout.spoken_alphabet!r}, but the code shards in "
+            f"{shards.split_dir} hold character timings for {shards.meta.get('alphabet')!r}: re-run `python "
+            "train.py stage=tokenize` with a codec trained with its CTC head (loss weight ctc > 0)")
 
 
 def pad_collate(batch: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:

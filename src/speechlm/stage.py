@@ -152,7 +152,15 @@ def pretrain_tokenizer(tok_cfg: DictConfig, shards: CodeShards, folder: Path,
             else:
                 corpus = [row["text"] for row in shards.rows] + (texts or [])
                 text_tokenizer = train_text_tokenizer(corpus, int(tok_cfg.vocab_size))
-            tok = SpeechTokenizer.build(text_tokenizer, shards.codebook_size)
+            alphabet = None
+            if tok_cfg.get("interleave"):
+                alphabet = shards.meta.get("alphabet")
+                if not alphabet:
+                    raise ValueError(
+                        f"speechlm.tokenizer.interleave needs character timings, and the code shards in "
+                        f"{shards.split_dir} have none: re-run `python train.py stage=tokenize` with a codec "
+                        "trained with its CTC head (loss weight ctc > 0)")
+            tok = SpeechTokenizer.build(text_tokenizer, shards.codebook_size, spoken_alphabet=alphabet)
             save_atomically(tok.save_pretrained, folder)
             log.info("tokenizer written to %s", folder)
         else:
@@ -224,8 +232,11 @@ class PretrainData(L.LightningDataModule):
 
 
 def val_rows(shards: CodeShards, tok: SpeechTokenizer, seq_len: int) -> list[dict[str, torch.Tensor]]:
-    """Every utterance once in the text_speech format, packed into rows of seq_len."""
-    examples = (tts_sequence(tok, shards[i].text, shards[i].codes) for i in range(len(shards)))
+    """Every utterance once in the text_speech format, packed into rows of seq_len (in the interleaved
+    format, every utterance with character timings)."""
+    utterances = (shards[i] for i in range(len(shards)))
+    examples = (tts_sequence(tok, u.text, u.codes, char_starts=u.char_starts) for u in utterances
+                if not tok.interleaved or u.char_starts is not None)
     return [{name: torch.from_numpy(value) for name, value in row.items()}
             for row in pack(examples, seq_len, tok.pad_id)]
 

@@ -9,6 +9,11 @@ built for one codec is never silently paired with another.
 
 <|voice_start|> / <|voice_end|> are reserved in every vocabulary (a prompt made of codes without a
 transcript) so that adding that format later does not shift the code block of saved checkpoints.
+
+A layout with a `spoken_alphabet` is for the interleaved format (voxlm.speechlm.sequences): each character of
+the text that is spoken (`spoken_char_ids`) goes into the speech before its codes, as the text tokenizer's own
+token for that character, and <|advance|> is what the model predicts to move on to the next character.
+Layouts saved before <|advance|> existed load unchanged (the plain format).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from voxlm.codec.losses import spoken_characters
+
 LAYOUT_FILE = "speech_layout.json"
 LAYOUT_VERSION = 1
 
@@ -38,7 +45,9 @@ CONTROL_TOKENS = {
     "speech_end": "<|speech_end|>",
     "voice_start": "<|voice_start|>",
     "voice_end": "<|voice_end|>",
+    "advance": "<|advance|>",
 }
+OPTIONAL_CONTROL_TOKENS = {"advance"}  # layouts saved before it was added are still valid (plain format)
 
 Ids = TypeVar("Ids", int, np.ndarray, torch.Tensor)
 
@@ -78,6 +87,7 @@ class VocabLayout:
     codebook_size: int
     special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, pad and CONTROL_TOKENS' names
     version: int = LAYOUT_VERSION
+    spoken_alphabet: str | None = None  # the interleaved format's characters (None: the plain format)
 
     @property
     def vocab_size(self) -> int:
@@ -108,10 +118,38 @@ class SpeechTokenizer:
         self.speech_end_id: int = ids["speech_end"]
         self.voice_start_id: int = ids["voice_start"]
         self.voice_end_id: int = ids["voice_end"]
+        self.advance_id: int | None = ids.get("advance")
+        self.char_ids = self._char_ids(layout.spoken_alphabet) if layout.spoken_alphabet else {}
+
+    def _char_ids(self, alphabet: str) -> dict[str, int]:
+        """Each spoken character's own text token: the interleaved format puts it into the speech."""
+        char_ids = {}
+        for char in alphabet:
+            ids = self.tokenizer.encode(char, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"the text tokenizer spells {char!r} with {len(ids)} tokens; the "
+                                 "interleaved format needs one token per spoken character (a byte-level BPE "
+                                 "has them)")
+            char_ids[char] = ids[0]
+        return char_ids
+
+    @property
+    def interleaved(self) -> bool:
+        """True when the model speaks each character of the text before its codes (see the module doc)."""
+        return bool(self.char_ids)
+
+    def spoken_char_ids(self, text: str) -> list[int]:
+        """The token ids of the characters of `text` that are spoken, in order (interleaved format only)."""
+        if not self.interleaved:
+            raise ValueError("this tokenizer is for the plain format: it has no spoken alphabet")
+        return [self.char_ids[char] for char in spoken_characters(text, self.layout.spoken_alphabet)]
 
     @classmethod
-    def build(cls, text_tokenizer: PreTrainedTokenizerFast, codebook_size: int) -> SpeechTokenizer:
-        """Extend a text tokenizer (modified in place) with the control tokens and `codebook_size` codes."""
+    def build(cls, text_tokenizer: PreTrainedTokenizerFast, codebook_size: int,
+              spoken_alphabet: str | None = None) -> SpeechTokenizer:
+        """Extend a text tokenizer (modified in place) with the control tokens and `codebook_size` codes; a
+        `spoken_alphabet` (the codec's CTC alphabet, which the code shards' character timings count in)
+        makes it a tokenizer for the interleaved format."""
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be positive, got {codebook_size}")
         tok = text_tokenizer
@@ -129,7 +167,8 @@ class SpeechTokenizer:
         tok.add_tokens(codes, special_tokens=True)
         special_ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
         special_ids |= {name: tok.convert_tokens_to_ids(t) for name, t in CONTROL_TOKENS.items()}
-        return cls(tok, VocabLayout(text_vocab_size, code_offset, codebook_size, special_ids))
+        return cls(tok, VocabLayout(text_vocab_size, code_offset, codebook_size, special_ids,
+                                    spoken_alphabet=spoken_alphabet))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, codebook_size: int | None = None) -> SpeechTokenizer:
@@ -214,7 +253,9 @@ def check_layout(tokenizer: PreTrainedTokenizerFast, layout: VocabLayout) -> Non
         problems.append(f"layout version {layout.version}, this code reads version {LAYOUT_VERSION}")
     if len(tokenizer) != layout.vocab_size:
         problems.append(f"{len(tokenizer)} tokens, the layout says {layout.vocab_size}")
-    missing = {"bos", "eos", "pad", *CONTROL_TOKENS} - set(layout.special_ids)
+    required = {"bos", "eos", "pad", *CONTROL_TOKENS} - (set() if layout.spoken_alphabet
+                                                          else OPTIONAL_CONTROL_TOKENS)
+    missing = required - set(layout.special_ids)
     if missing:
         problems.append(f"no ids for {sorted(missing)}")
     for name, token in CONTROL_TOKENS.items():
