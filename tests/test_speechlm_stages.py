@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from voxlm.codec.losses import spoken_characters
 from voxlm.data.shards import CodeShards
-from voxlm.eval.text_use import text_use
+from voxlm.eval.text_use import speech_given_text, text_use
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.module import SpeechLMModule
 from voxlm.speechlm.sequences import pad_collate, tts_sequence
@@ -85,7 +85,7 @@ def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Pa
                                                 tmp_path: Path) -> None:
     """speechlm.tokenizer.interleave=true end to end on the tiny corpus: pretrain and SFT on characters
     interleaved with their codes, synth.py speaks through the codec, and the parts that do not take the
-    format yet (export, text_use) refuse it by name instead of producing something wrong."""
+    format yet (export) refuse it by name instead of producing something wrong; text_use scores it."""
     spoken = ("speechlm.tokenizer.interleave=true",)
     train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
           f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}", *spoken)
@@ -110,8 +110,13 @@ def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Pa
     assert "interleaved SpeechLM, which export does not take yet" in refused.stderr
     assert not (workspace / "artifacts/spoken").exists()
     model = AutoModelForCausalLM.from_pretrained(sft / "hf", local_files_only=True)
-    with pytest.raises(ValueError, match="text_use measures the plain format"):
-        text_use(model, tok, train_shards)
+    use = text_use(model, tok, train_shards, count=4)
+    assert len(use.ids) == 4 and all(np.isfinite(use.losses[c]).all() for c in use.losses)
+    first = train_shards[[row["id"] for row in train_shards.rows].index(use.ids[0])]
+    example = speech_given_text(tok, first.text, first)
+    assert (example.labels == tok.advance_id).sum() == 0  # the codes' loss only
+    np.testing.assert_array_equal(example.input_ids, tts_sequence(tok, first.text, first.codes,
+                                                                  char_starts=first.char_starts).input_ids)
 
 
 def test_pretraining_lowers_the_loss(pretrain_run: Path, shards: Path) -> None:

@@ -5,6 +5,11 @@ A model that reads the text predicts the speech better from its own transcript t
 whose three losses agree is an unconditional speech LM, which is what an unintelligible TTS model usually is
 early in training (WER above 1 while the voice is right). Cheaper and more direct than a WER: no sampling,
 no codec, no ASR.
+
+An interleaved SpeechLM (voxlm.speechlm.sequences) hears the text twice: in the text span and as the
+characters in its speech. Each condition's text goes into both, the characters at the utterance's own timings
+(another transcript's characters cycled or cut to the utterance's count; no text: the space character at
+every timing), and the loss covers the codes and [speech_end], not <|advance|>.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from voxlm.data.shards import CodeShards
-from voxlm.speechlm.sequences import tts_sequence
+from voxlm.data.shards import CodedUtterance, CodeShards
+from voxlm.speechlm.sequences import IGNORE, Example, interleaved_speech, tts_prompt, tts_sequence
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 CONDITIONS = ("own", "other", "none")
@@ -42,11 +47,9 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
              seed: int = 0) -> TextUse:
     """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
     with the transcript of the next one drawn."""
-    if tok.interleaved:
-        raise ValueError("text_use measures the plain format; an interleaved SpeechLM is fed each character "
-                         "right before its speech, so it cannot help but read the text")
     rng = np.random.default_rng(seed)
-    picked = [int(i) for i in rng.permutation(len(shards))[: min(count, len(shards))]]
+    usable = [i for i in range(len(shards)) if not tok.interleaved or "char_starts" in shards.rows[i]]
+    picked = [usable[int(i)] for i in rng.permutation(len(usable))[: min(count, len(usable))]]
     if len(picked) < 2:
         raise ValueError(f"text_use needs at least 2 utterances to swap transcripts; the shards hold "
                          f"{len(shards)}")
@@ -54,8 +57,23 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
     for k, i in enumerate(picked):
         utterance, other = shards[i], shards[picked[(k + 1) % len(picked)]]
         for condition, text in (("own", utterance.text), ("other", other.text), ("none", "")):
-            example = tts_sequence(tok, text, np.asarray(utterance.codes))  # loss on the speech only
+            example = speech_given_text(tok, text, utterance)
             loss = model(input_ids=torch.as_tensor(example.input_ids)[None],
                          labels=torch.as_tensor(example.labels)[None]).loss
             losses[condition].append(loss.item())
     return TextUse({c: np.array(v) for c, v in losses.items()}, [shards[i].id for i in picked])
+
+
+def speech_given_text(tok: SpeechTokenizer, text: str, utterance: CodedUtterance) -> Example:
+    """The utterance's speech after `text`, with the loss on the speech only (see the module docstring)."""
+    codes = np.asarray(utterance.codes)
+    if not tok.interleaved:
+        return tts_sequence(tok, text, codes)
+    starts = utterance.char_starts
+    chars = tok.spoken_char_ids(text) or [tok.char_ids[" "]]
+    chars = [chars[i % len(chars)] for i in range(len(starts))]
+    prompt = tts_prompt(tok, text)
+    speech, labels = interleaved_speech(tok, codes, chars, starts)
+    labels = np.where(labels == tok.advance_id, IGNORE, labels)
+    return Example(np.concatenate([prompt, speech, [tok.eos_id]]),
+                   np.concatenate([np.full(len(prompt), IGNORE), labels, [IGNORE]]))
