@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from voxlm.codec.losses import spoken_characters
 from voxlm.data.shards import CodeShards
 from voxlm.eval.text_use import speech_given_text, text_use
+from voxlm.serve.backends import torch_backend
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.module import SpeechLMModule
 from voxlm.speechlm.sequences import pad_collate, tts_sequence
@@ -85,7 +86,8 @@ def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Pa
                                                 tmp_path: Path) -> None:
     """speechlm.tokenizer.interleave=true end to end on the tiny corpus: pretrain and SFT on characters
     interleaved with their codes, synth.py speaks through the codec, and the parts that do not take the
-    format yet (export) refuse it by name instead of producing something wrong; text_use scores it."""
+    format yet (export, the server) refuse it by name instead of producing something wrong; text_use
+    scores it."""
     spoken = ("speechlm.tokenizer.interleave=true",)
     train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
           f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}", *spoken)
@@ -109,6 +111,8 @@ def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Pa
     assert refused.returncode != 0
     assert "interleaved SpeechLM, which export does not take yet" in refused.stderr
     assert not (workspace / "artifacts/spoken").exists()
+    with pytest.raises(ValueError, match="the server does not run yet"):
+        torch_backend(sft / "hf", codec_pt)
     model = AutoModelForCausalLM.from_pretrained(sft / "hf", local_files_only=True)
     use = text_use(model, tok, train_shards, count=4)
     assert len(use.ids) == 4 and all(np.isfinite(use.losses[c]).all() for c in use.losses)
