@@ -350,8 +350,9 @@ def check_alphabet(shards: CodeShards, tok: SpeechTokenizer) -> None:
     if shards.meta.get("alphabet") != tok.layout.spoken_alphabet:
         raise ValueError(
             f"the tokenizer speaks the characters {tok.layout.spoken_alphabet!r}, but the code shards in "
-            f"{shards.split_dir} hold character timings for {shards.meta.get('alphabet')!r}: re-run `python "
-            "train.py stage=tokenize` with a codec trained with its CTC head (loss weight ctc > 0)")
+            f"{shards.split_dir} hold character timings for {shards.meta.get('alphabet')!r}: train on shards "
+            "tokenized by the codec whose CTC alphabet the tokenizer took, or re-run `python train.py "
+            "stage=tokenize` with a codec trained with its CTC head (loss weight ctc > 0)")
 
 
 def pad_collate(batch: Sequence[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
