@@ -18,7 +18,7 @@ import torchaudio
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from voxlm.codec.align import char_starts, cuts_from_log_probs, starts_from_log_probs, word_cuts
+from voxlm.codec.align import cuts_from_log_probs, starts_from_log_probs, transcript_timings
 from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, lr_factor
@@ -367,13 +367,12 @@ def test_character_starts_fall_between_the_aligned_characters() -> None:
     assert starts_from_log_probs(spiky_log_probs(30, 29, at), []) is None
 
 
-def test_word_cuts_read_codes_through_the_head() -> None:
+def test_transcript_timings_read_codes_through_the_head() -> None:
     torch.manual_seed(0)
     head, quantizer = CTCHead(4, 8, 3, " abcdefghijklmnopqrstuvwxyz'").eval(), FSQ([4, 4, 2, 2])
     codes = np.random.default_rng(0).integers(0, 64, 120)
-    cuts = word_cuts(head, quantizer, codes, "Hello there, world!")
+    cuts, starts = transcript_timings(head, quantizer, codes, "Hello there, world!")
     assert len(cuts) == 4 and cuts[0] == 0 and cuts[-1] == 120 and cuts == sorted(cuts)
-    assert word_cuts(head, quantizer, codes[:6], "Hello there, world!") is None
-    starts = char_starts(head, quantizer, codes, "Hello there, world!")
+    assert transcript_timings(head, quantizer, codes[:6], "Hello there, world!") == (None, None)
     assert len(starts) == len("hello there world") and starts[0] == 0 and starts == sorted(starts)
     assert starts[-1] < 120

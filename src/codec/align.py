@@ -47,18 +47,18 @@ def code_log_probs(head: CTCHead, quantizer: FSQ, codes: np.ndarray) -> torch.Te
 
 
 @torch.inference_mode()
-def word_cuts(head: CTCHead, quantizer: FSQ, codes: np.ndarray, text: str) -> list[int] | None:
-    """Frame cuts between the words of `text.split()` in `codes` (see `cuts_from_log_probs`)."""
-    return cuts_from_log_probs(code_log_probs(head, quantizer, codes),
-                               [head.encode_text(word) for word in text.split()], head.char_to_id[" "])
+def transcript_timings(head: CTCHead, quantizer: FSQ, codes: np.ndarray,
+                       text: str) -> tuple[list[int] | None, list[int] | None]:
+    """(word cuts, character starts) of `text` in `codes`, from one pass of the head over the codes.
 
-
-@torch.inference_mode()
-def char_starts(head: CTCHead, quantizer: FSQ, codes: np.ndarray, text: str) -> list[int] | None:
-    """The first frame of each character the head reads in `text` (`spoken_characters(text, head.alphabet)`,
-    spaces included): character i is codes[starts[i]:starts[i + 1]], the last one runs to the end. None when
-    the text has no such character or more than the frames can hold."""
-    return starts_from_log_probs(code_log_probs(head, quantizer, codes), head.encode_text(text))
+    Word cuts: between the words of `text.split()` (see `cuts_from_log_probs`). Character starts: the first
+    frame of each character the head reads (`spoken_characters(text, head.alphabet)`, spaces included), so
+    character i is codes[starts[i]:starts[i + 1]] and the last one runs to the end. Either is None when the
+    text has no such character or more than the frames can hold."""
+    log_probs = code_log_probs(head, quantizer, codes)
+    cuts = cuts_from_log_probs(log_probs, [head.encode_text(word) for word in text.split()],
+                               head.char_to_id[" "])
+    return cuts, starts_from_log_probs(log_probs, head.encode_text(text))
 
 
 def character_spans(log_probs: torch.Tensor, targets: list[int]) -> list | None:

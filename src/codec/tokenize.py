@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from voxlm.codec.align import char_starts, load_ctc_head, word_cuts
+from voxlm.codec.align import load_ctc_head, transcript_timings
 from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
 from voxlm.data.shards import ShardWriter, is_complete
@@ -78,8 +78,8 @@ def tokenize_split(codec, dataset, writer: ShardWriter, batch_size: int, desc: s
             frames = math.ceil(len(utterance.audio) / hop)
             cuts = starts = None
             if ctc_head is not None:
-                cuts = word_cuts(ctc_head, codec.quantizer, codes[row, :frames], utterance.text)
-                starts = char_starts(ctc_head, codec.quantizer, codes[row, :frames], utterance.text)
+                cuts, starts = transcript_timings(ctc_head, codec.quantizer, codes[row, :frames],
+                                                  utterance.text)
             aligned += cuts is not None
             writer.add(utterance.id, codes[row, :frames], utterance.text, utterance.speaker,
                        len(utterance.audio) / utterance.sample_rate, word_cuts=cuts, char_starts=starts)
