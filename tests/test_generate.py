@@ -298,6 +298,26 @@ def test_interleaved_rows_are_fed_their_characters_in_order(tok: SpeechTokenizer
         generate_codes(model, spoken_tok, rows[:1], 50, GREEDY, spoken=[[]])
 
 
+def test_lookahead_rows_are_fed_ahead_and_told_where_each_character_begins(tok: SpeechTokenizer) -> None:
+    """Lookahead 1, "hii": [h, i] follow the prompt, the first <|advance|> brings the last 'i', the second
+    brings <|advance|> itself. 'i' -> c5; c5 -> [speech_end] (preferred) or <|advance|>; <|advance|> -> c2;
+    c2 -> <|advance|> (preferred, but no character is left) or [speech_end]. So: c5, c5, c2, stop."""
+    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'", lookahead=1)
+    i, adv, end = spoken_tok.char_ids["i"], spoken_tok.advance_id, spoken_tok.speech_end_id
+    c5, c2 = code(spoken_tok, 5), code(spoken_tok, 2)
+    model = bigram_lm(spoken_tok, {i: c5, c5: end, adv: c2, c2: adv})
+    with torch.no_grad():  # the second choices, at half the logit
+        embed = model.model.embed_tokens.weight
+        normalized = embed / embed.pow(2).mean(-1, keepdim=True).sqrt()
+        model.lm_head.weight[adv] += 0.5 * normalized[c5]
+        model.lm_head.weight[end] += 0.5 * normalized[c2]
+    rows = [tts_prompt(spoken_tok, "hii")] * 2
+    spoken = [spoken_tok.spoken_char_ids("hii")] * 2
+    generated = generate_codes(model, spoken_tok, rows, 50, GREEDY, spoken=spoken)
+    assert [c.tolist() for c in generated.codes] == [[5, 5, 2]] * 2 and generated.truncated == [False] * 2
+
+
 # --- voices ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from voxlm.speechlm.sequences import (
     PretrainDataset,
     SFTDataset,
     continuation_example,
+    interleaved_speech,
     pack,
     pad_collate,
     phrase_example,
@@ -542,6 +543,34 @@ def test_interleaved_tts_puts_each_character_before_its_codes(spoken_tok: Speech
     loaded = SpeechTokenizer.from_pretrained(tmp_path / "tok")
     assert loaded.interleaved and loaded.char_ids == spoken_tok.char_ids
     assert loaded.advance_id == spoken_tok.advance_id < loaded.code_offset
+
+
+def test_lookahead_gives_the_next_characters_before_the_codes(tmp_path: Path) -> None:
+    """With lookahead 2 the first three characters come before the first one's codes, each <|advance|>
+    brings the character two ahead, and <|advance|> itself stands in once all are given."""
+    tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                spoken_alphabet=ALPHABET, lookahead=2)
+    text, codes, starts = "Hi, bo!", np.arange(20) % CODEBOOK, [0, 4, 9, 10, 15]
+    h, i, space, b, o = tok.spoken_char_ids(text)
+    adv = tok.advance_id
+    assert tok.spoken_feeds([h, i, space, b, o]) == ([h, i, space], [b, o, adv, adv])
+    assert tok.spoken_feeds([h, i]) == ([h, i], [adv])  # fewer characters than the lookahead
+    assert tok.spoken_feeds([h]) == ([h], [])
+    ids, labels = interleaved_speech(tok, codes, [h, i, space, b, o], starts)
+    c = tok.code_to_token(codes).tolist()
+    assert ids.tolist() == [h, i, space, *c[0:4], b, *c[4:9], o, *c[9:10], adv, *c[10:15], adv, *c[15:20],
+                            tok.speech_end_id]
+    assert labels.tolist() == [adv, IGNORE, IGNORE, *c[0:4], adv, *c[4:9], adv, *c[9:10], adv, *c[10:15],
+                               adv, *c[15:20], tok.speech_end_id]
+    tok.save_pretrained(tmp_path / "tok")
+    assert SpeechTokenizer.from_pretrained(tmp_path / "tok").layout.lookahead == 2
+    with pytest.raises(ValueError, match="lookahead -1"):
+        SpeechTokenizer.build(train_text_tokenizer(SENTENCES, vocab_size=300), CODEBOOK,
+                              spoken_alphabet=ALPHABET, lookahead=-1)
+    with pytest.raises(ValueError, match="0 without a spoken alphabet"):
+        SpeechTokenizer.build(train_text_tokenizer(SENTENCES, vocab_size=300), CODEBOOK, lookahead=1)
+    with pytest.raises(ValueError, match="no spoken character"):
+        tok.spoken_feeds([])
 
 
 def interleaved_shards(tmp_path: Path, alphabet: str | None = ALPHABET) -> CodeShards:

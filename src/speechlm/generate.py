@@ -11,8 +11,9 @@ still being sampled, and because the SpeechLM's rules are its own:
 - a row that never says [speech_end] is cut off at its `max_frames` (see `frame_limit`: a budget that grows
   with the text's length) and flagged `truncated`, so a babbling model costs a bounded amount of compute;
 - in the interleaved format (voxlm.speechlm.sequences) each row's spoken characters (`spoken`) are fed in
-  order: the first after the prompt, the next each time the model says <|advance|>, which it may only say
-  while a character is left; [speech_end] only after the last one. Only codes are yielded.
+  order (`tok.spoken_feeds`): the first (with the lookahead's) after the prompt, the next each time the
+  model says <|advance|>, which it may only say while a character's codes are still to come; [speech_end]
+  only after the last one. Only codes are yielded.
 
 Greedy decoding (do_sample false or temperature 0; repetition_penalty 1) is the argmax path of a plain
 full-recompute forward, which the tests check; sampling is reproducible from `seed` (a torch.Generator).
@@ -184,17 +185,21 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         raise ValueError("an interleaved SpeechLM needs each row's spoken characters (spoken=), and only it"
                          if tok.interleaved else "spoken= is for interleaved SpeechLMs; this one is plain")
     device = model.device
-    chars = _spoken_queue(spoken, len(prompts)) if spoken is not None else None
-    if chars is not None:  # the first character follows the prompt; the rest wait for <|advance|>
-        prompts = [np.append(np.asarray(p), int(first))
-                   for p, first in zip(prompts, chars[:, 0], strict=True)]
+    feeds = None
+    if spoken is not None:  # the first character(s) follow the prompt; the rest wait for <|advance|>
+        if len(spoken) != len(prompts) or not all(len(row) for row in spoken):
+            raise ValueError(f"need one non-empty list of spoken characters per prompt ({len(prompts)}), got "
+                             f"{[len(row) for row in spoken]}: a text with nothing to say cannot be spoken")
+        firsts, laters = zip(*(tok.spoken_feeds(row) for row in spoken), strict=True)
+        prompts = [np.append(np.asarray(p), first) for p, first in zip(prompts, firsts, strict=True)]
+        feeds = _right_pad(laters)
     ids, mask = left_pad(prompts, tok.pad_id)
     ids, mask = ids.to(device), mask.to(device)
     batch = len(ids)
-    num_chars = (chars >= 0).sum(1) if chars is not None else torch.ones(batch, dtype=torch.long)
-    limits = _frame_limits(max_frames, mask.sum(1).cpu() + num_chars - 1,
+    num_feeds = (feeds >= 0).sum(1) if feeds is not None else torch.zeros(batch, dtype=torch.long)
+    limits = _frame_limits(max_frames, mask.sum(1).cpu() + num_feeds,
                            getattr(model.config, "max_position_embeddings", None)).to(device)
-    max_steps = int((limits + num_chars.to(device) - 1).max())
+    max_steps = int((limits + num_feeds.to(device)).max())
     generator = None
     if sampling.seed is not None and not sampling.greedy:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -204,9 +209,9 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)[None].repeat(batch, 1)
-    if chars is not None:
-        chars, num_chars = chars.to(device), num_chars.to(device)
-        next_char = torch.ones(batch, dtype=torch.long, device=device)  # index into each row's characters
+    if feeds is not None:
+        feeds, num_feeds = feeds.to(device), num_feeds.to(device)
+        next_feed = torch.zeros(batch, dtype=torch.long, device=device)  # index into each row's feeds
     next_position = mask.sum(1)
     made = torch.zeros(batch, dtype=torch.long, device=device)  # codes per row
     history = torch.full((batch, max_steps), -1, dtype=torch.long, device=device)  # code token ids
@@ -217,12 +222,12 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
 
     for step in range(max_steps):
         recent = history[:, 0 if window is None else max(0, step - window): step]
-        if chars is not None:
-            more = next_char < num_chars
+        if feeds is not None:
+            more = next_feed < num_feeds
             allowed[:, tok.advance_id], allowed[:, tok.speech_end_id] = more, ~more
         token = next_tokens(out.logits[:, -1].float(), allowed, recent, sampling, generator)
         is_code = active & tok.is_code(token)
-        advancing = active & (token == tok.advance_id) if chars is not None else torch.zeros_like(active)
+        advancing = active & (token == tok.advance_id) if feeds is not None else torch.zeros_like(active)
         history[:, step] = torch.where(is_code, token, -1)
         made += is_code.long()
         cut = is_code & (made >= limits)
@@ -238,25 +243,22 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
             return
         # Stopped rows are fed padding that nothing attends to; their outputs are ignored from now on.
         mask = torch.cat([mask, active[:, None].long()], dim=1)
-        if chars is not None:  # <|advance|> is said, the next character is fed
-            upcoming = chars.gather(1, next_char.clamp(max=chars.shape[1] - 1)[:, None])[:, 0]
+        if feeds is not None:  # <|advance|> is said, the next character (or <|advance|> itself) is fed
+            upcoming = feeds.gather(1, next_feed.clamp(max=max(feeds.shape[1] - 1, 0))[:, None])[:, 0]
             token = torch.where(advancing, upcoming, token)
-            next_char += advancing.long()
+            next_feed += advancing.long()
         fed = torch.where(active, token, tok.pad_id)[:, None]
         out = model(input_ids=fed, attention_mask=mask, position_ids=next_position[:, None],
                     cache=out.cache, use_cache=True, logits_to_keep=1)
         next_position = next_position + active.long()
 
 
-def _spoken_queue(spoken: Sequence[Sequence[int]], batch: int) -> Tensor:
-    """Each row's spoken characters, right-padded with -1: LongTensor [B, longest]."""
-    if len(spoken) != batch or any(len(row) == 0 for row in spoken):
-        raise ValueError(f"need one non-empty list of spoken characters per prompt ({batch}), got "
-                         f"{[len(row) for row in spoken]}: a text with nothing to say cannot be spoken")
-    chars = torch.full((batch, max(len(row) for row in spoken)), -1, dtype=torch.long)
-    for b, row in enumerate(spoken):
-        chars[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-    return chars
+def _right_pad(rows: Sequence[Sequence[int]]) -> Tensor:
+    """Rows of ids right-padded with -1: LongTensor [B, longest] (at least one column)."""
+    padded = torch.full((len(rows), max(1, *(len(row) for row in rows))), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        padded[b, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return padded
 
 
 def _chunk(tokens: Tensor, active: Tensor, truncated: Tensor, code_offset: int) -> CodeChunk:

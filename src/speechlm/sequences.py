@@ -29,7 +29,12 @@ character timings the tokenize stage stored (`char_starts`, voxlm.codec.align):
                               loss: <|advance|> at each character, the codes, [speech_end]
 The model never has to find its place in the text: the character it is saying sits right before the codes
 it predicts, and it only decides when to move on (<|advance|>); generation then feeds the next character
-(voxlm.speechlm.generate). A voice prompt is its codes alone: no transcript is needed.
+(voxlm.speechlm.generate). A voice prompt is its codes alone: no transcript is needed. With a lookahead of k
+characters (`tok.spoken_feeds`), c1 .. c(k+1) come before codes(c1), each advance brings the character k
+ahead, and <|advance|> itself stands in for the characters once all are given:
+
+    lookahead 2               c1 c2 c3 codes(c1) c4 codes(c2) ... cn codes(c(n-2)) [advance] codes(c(n-1))
+                              [advance] codes(cn) [speech_end]
 """
 
 from __future__ import annotations
@@ -105,18 +110,23 @@ def tts_sequence(tok: SpeechTokenizer, text: str, codes: np.ndarray, prompt_text
 
 def interleaved_speech(tok: SpeechTokenizer, codes: np.ndarray, char_ids: Sequence[int],
                        char_starts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(input ids, labels) of the interleaved format's speech: each character's token then its codes
-    (codes[starts[i]:starts[i + 1]]), then [speech_end]. A character's label is <|advance|>: the model
-    learns when to move on, never which character comes (generation feeds it)."""
+    """(input ids, labels) of the interleaved format's speech: before the codes of character i
+    (codes[starts[i]:starts[i + 1]]) come the tokens `tok.spoken_feeds` gives for it (with lookahead 0, the
+    character itself), then [speech_end]. The first token fed at each character is labelled <|advance|>: the
+    model learns when to move on, never which character comes (generation feeds it)."""
     if len(char_ids) != len(char_starts):
         raise ValueError(f"{len(char_ids)} spoken characters but {len(char_starts)} character timings: the "
                          "code shards were aligned with another alphabet than the tokenizer's")
+    first, later = tok.spoken_feeds(char_ids)
     code_ids = tok.code_to_token(np.asarray(codes))
     ends = [*char_starts[1:], len(code_ids)]
-    ids, labels = [], []
-    for char, start, end in zip(char_ids, char_starts, ends, strict=True):
-        ids += [char, *code_ids[start:end]]
-        labels += [tok.advance_id, *code_ids[start:end]]
+    ids, labels = list(first), [tok.advance_id] + [IGNORE] * (len(first) - 1)
+    for i, (start, end) in enumerate(zip(char_starts, ends, strict=True)):
+        if i:
+            ids.append(later[i - 1])
+            labels.append(tok.advance_id)
+        ids += code_ids[start:end].tolist()
+        labels += code_ids[start:end].tolist()
     return _ids(ids, [tok.speech_end_id]), _ids(labels, [tok.speech_end_id])
 
 

@@ -12,14 +12,15 @@ transcript) so that adding that format later does not shift the code block of sa
 
 A layout with a `spoken_alphabet` is for the interleaved format (voxlm.speechlm.sequences): each character of
 the text that is spoken (`spoken_char_ids`) goes into the speech before its codes, as the text tokenizer's own
-token for that character, and <|advance|> is what the model predicts to move on to the next character.
-Layouts saved before <|advance|> existed load unchanged (the plain format).
+token for that character, and <|advance|> is what the model predicts to move on to the next character. Its
+`lookahead` is how many characters the model is given beyond the one it is saying (English spelling needs
+the next few: "th", a silent "e"). Layouts saved before <|advance|> or the lookahead existed load unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -88,6 +89,7 @@ class VocabLayout:
     special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, pad and CONTROL_TOKENS' names
     version: int = LAYOUT_VERSION
     spoken_alphabet: str | None = None  # the interleaved format's characters (None: the plain format)
+    lookahead: int = 0                  # interleaved: characters fed beyond the one being said
 
     @property
     def vocab_size(self) -> int:
@@ -120,6 +122,9 @@ class SpeechTokenizer:
         self.voice_end_id: int = ids["voice_end"]
         self.advance_id: int | None = ids.get("advance")
         self.char_ids = self._char_ids(layout.spoken_alphabet) if layout.spoken_alphabet else {}
+        if layout.lookahead < 0 or (layout.lookahead and not layout.spoken_alphabet):
+            raise ValueError(f"lookahead {layout.lookahead}: it counts characters of the interleaved format, "
+                             "so it must be >= 0, and 0 without a spoken alphabet")
 
     def _char_ids(self, alphabet: str) -> dict[str, int]:
         """Each spoken character's own text token: the interleaved format puts it into the speech."""
@@ -144,12 +149,25 @@ class SpeechTokenizer:
             raise ValueError("this tokenizer is for the plain format: it has no spoken alphabet")
         return [self.char_ids[char] for char in spoken_characters(text, self.layout.spoken_alphabet)]
 
+    def spoken_feeds(self, char_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """What the interleaved format feeds of a text's spoken characters `char_ids` (n of them): (the
+        tokens before the first character's codes, the token fed at each of the n - 1 later <|advance|>).
+
+        With lookahead k, the first k + 1 characters come first; the i-th advance brings character i + k,
+        and <|advance|> itself once the characters are all given, so the model is still told where each
+        character's codes begin."""
+        if not char_ids:
+            raise ValueError("a text with no spoken character cannot be interleaved with speech")
+        k = self.layout.lookahead
+        later = [*char_ids[k + 1:], *[self.advance_id] * min(k, len(char_ids) - 1)]
+        return list(char_ids[: k + 1]), later
+
     @classmethod
     def build(cls, text_tokenizer: PreTrainedTokenizerFast, codebook_size: int,
-              spoken_alphabet: str | None = None) -> SpeechTokenizer:
+              spoken_alphabet: str | None = None, lookahead: int = 0) -> SpeechTokenizer:
         """Extend a text tokenizer (modified in place) with the control tokens and `codebook_size` codes; a
         `spoken_alphabet` (the codec's CTC alphabet, which the code shards' character timings count in)
-        makes it a tokenizer for the interleaved format."""
+        makes it a tokenizer for the interleaved format, given `lookahead` characters ahead."""
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be positive, got {codebook_size}")
         tok = text_tokenizer
@@ -168,7 +186,7 @@ class SpeechTokenizer:
         special_ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
         special_ids |= {name: tok.convert_tokens_to_ids(t) for name, t in CONTROL_TOKENS.items()}
         return cls(tok, VocabLayout(text_vocab_size, code_offset, codebook_size, special_ids,
-                                    spoken_alphabet=spoken_alphabet))
+                                    spoken_alphabet=spoken_alphabet, lookahead=lookahead))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, codebook_size: int | None = None) -> SpeechTokenizer:
