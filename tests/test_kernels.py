@@ -138,12 +138,17 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("speech_end", [SPEECH_END, OFFSET + CODES, OFFSET + 10])  # before, after, inside
+@pytest.mark.parametrize("speech_end, advance", [
+    (SPEECH_END, -1), (OFFSET + CODES, -1), (OFFSET + 10, -1),      # speech_end before, after, inside
+    (SPEECH_END, SPEECH_END - 1), (SPEECH_END - 1, SPEECH_END),     # and <|advance|> beside it, either order
+    (SPEECH_END, OFFSET + CODES), (OFFSET + 10, SPEECH_END)])       # the two on either side; one inside
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
-def test_sampler_matches_reference(kernels: None, setting: int, speech_end: int) -> None:
-    params = K.CodeSamplerParams(OFFSET, CODES, speech_end, **SETTINGS[setting])
+def test_sampler_matches_reference(kernels: None, setting: int, speech_end: int, advance: int) -> None:
+    params = K.CodeSamplerParams(OFFSET, CODES, speech_end, **SETTINGS[setting], advance=advance)
     for seed, rows, history in [(setting, 1, 16), (100 + setting, 8, 32), (200 + setting, 5, 0)]:
         logits, hist, u = random_batch(seed, rows, history)
+        if advance >= 0 and history:  # the extra ids in a history: the penalty finds them wherever they lie
+            hist[-1, :2] = [speech_end, advance]
         np.testing.assert_array_equal(K.sample_codes(logits, hist, u, params),
                                       K.sample_codes_reference(logits, hist, u, params))
 
@@ -163,6 +168,23 @@ def test_sampler_only_returns_codes_or_speech_end(kernels: None) -> None:
     for setting in SETTINGS:
         tokens = K.sample_codes(logits, hist, u, K.CodeSamplerParams(OFFSET, CODES, SPEECH_END, **setting))
         assert tokens.dtype == np.int64 and set(tokens.tolist()) <= allowed
+
+
+def test_sampler_takes_advance_only_where_the_bias_allows_it(kernels: None) -> None:
+    """The interleaved format's rows: <|advance|> is a candidate, and a -inf bias per row masks it (or
+    [speech_end]), as the server's steps do."""
+    logits, hist, u = random_batch(11, 8, 16)
+    advance = SPEECH_END - 1
+    logits[:, [SPEECH_END, advance]] += 50.0  # both far more likely than any code
+    params = K.CodeSamplerParams(OFFSET, CODES, SPEECH_END, temperature=1.0, top_k=50, advance=advance)
+    may_advance = np.arange(8) % 2 == 0
+    biased = logits.copy()
+    biased[may_advance, SPEECH_END] = -np.inf
+    biased[~may_advance, advance] = -np.inf
+    tokens = K.sample_codes(biased, hist, u, params)
+    np.testing.assert_array_equal(tokens, np.where(may_advance, advance, SPEECH_END))
+    plain = K.CodeSamplerParams(OFFSET, CODES, SPEECH_END, temperature=1.0, top_k=50)
+    assert advance not in K.sample_codes(logits, hist, u, plain).tolist()
 
 
 def test_sampler_frequencies_follow_the_distribution(kernels: None) -> None:
@@ -202,11 +224,14 @@ def test_torch_path_agrees_with_reference() -> None:
 def test_params_from_sampling_config() -> None:
     class Tok:
         code_offset, vocab_size, speech_end_id = OFFSET, OFFSET + CODES, SPEECH_END
+        advance_id, interleaved = SPEECH_END - 1, False
 
     params = K.CodeSamplerParams.from_config(SamplingConfig(temperature=0.7, top_k=40, top_p=0.9,
                                                             repetition_penalty=1.1), Tok())
     assert params == K.CodeSamplerParams(OFFSET, CODES, SPEECH_END, 0.7, 40, 0.9, 1.1)
     assert K.CodeSamplerParams.from_config(SamplingConfig(do_sample=False), Tok()).temperature == 0.0
+    Tok.interleaved = True
+    assert K.CodeSamplerParams.from_config(SamplingConfig(), Tok()).advance == SPEECH_END - 1
 
 
 # ---------------------------------------------------------------- cached attention

@@ -9,24 +9,30 @@ import json
 import math
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import PRETRAIN_STEPS, export, train
+from conftest import GREEDY, PRETRAIN_STEPS, export, start_server, train
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from voxlm.codec.losses import spoken_characters
 from voxlm.data.shards import CodeShards
 from voxlm.eval.text_use import speech_given_text, text_use
-from voxlm.serve.backends import torch_backend
+from voxlm.serve.backends import max_backend
+from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, SpeechRequest
+from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.module import SpeechLMModule
-from voxlm.speechlm.sequences import pad_collate, tts_sequence
+from voxlm.speechlm.sequences import pad_collate, tts_prompt, tts_sequence
 from voxlm.speechlm.stage import val_rows
 from voxlm.speechlm.tokenizer import SpeechTokenizer
+from voxlm.speechlm.voices import Voice
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,24 +88,27 @@ def test_tokenize_stores_word_timings_that_phrases_are_cut_at(shards: Path) -> N
         assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(utterance.codes)
 
 
-def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Path, shards: Path,
-                                                tmp_path: Path) -> None:
-    """speechlm.tokenizer.interleave=true end to end on the tiny corpus: pretrain and SFT on characters
-    interleaved with their codes, synth.py speaks through the codec, and the parts that do not take the
-    format yet (export, the server) refuse it by name instead of producing something wrong; text_use
-    scores it."""
-    spoken = ("speechlm.tokenizer.interleave=true",)
+def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, tiny_corpus: Path,
+                                                               shards: Path, tiny_voices: Path,
+                                                               tmp_path: Path) -> None:
+    """speechlm.tokenizer.interleave=true (with a lookahead of 2 characters) end to end on the tiny corpus:
+    pretrain and SFT on characters interleaved with their codes, synth.py speaks through the codec, export
+    passes its parity gate, the MAX engine streams what offline generation makes when fed the same
+    characters, the HTTP server speaks and refuses a text with no letter, RLHF refuses the format by name,
+    and text_use scores it."""
+    spoken = ("speechlm.tokenizer.interleave=true", "speechlm.tokenizer.lookahead=2")
     train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
           f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}", *spoken)
     pretrained = workspace / "runs/pretrain/spoken"
     tok = SpeechTokenizer.from_pretrained(pretrained / "hf")
     train_shards = CodeShards(shards / "train")
     assert tok.interleaved and tok.layout.spoken_alphabet == train_shards.meta["alphabet"]
+    assert tok.layout.lookahead == 2
     m = metrics(pretrained)
     assert m["train/loss"] < m["train_loss_first"] - 0.3
     train(workspace, tiny_corpus, "sft", "run_name=spoken", "stage.pretrain_run=spoken", *spoken)
     sft = workspace / "runs/sft/spoken"
-    assert SpeechTokenizer.from_pretrained(sft / "hf").interleaved
+    assert SpeechTokenizer.from_pretrained(sft / "hf").layout.lookahead == 2
     codec_pt = Path(train_shards.meta["codec_run"]) / "codec.pt"
     out = tmp_path / "spoken.wav"
     result = subprocess.run([sys.executable, str(ROOT / "synth.py"), "text=Hello there.", f"speechlm={sft}",
@@ -107,12 +116,54 @@ def test_interleaved_pipeline_trains_and_speaks(workspace: Path, tiny_corpus: Pa
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 1000
-    refused = export(workspace, tiny_corpus, f"speechlm={sft}", f"out={workspace / 'artifacts/spoken'}")
-    assert refused.returncode != 0
-    assert "interleaved SpeechLM, which export does not take yet" in refused.stderr
-    assert not (workspace / "artifacts/spoken").exists()
-    with pytest.raises(ValueError, match="the server does not run yet"):
-        torch_backend(sft / "hf", codec_pt)
+
+    artifact_dir = workspace / "artifacts/spoken"
+    exported = export(workspace, tiny_corpus, f"speechlm={sft}", f"out={artifact_dir}",
+                      f"voices_dir={tiny_voices}")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads((artifact_dir / "parity.json").read_text())["passed"]
+    backend = max_backend(artifact_dir)
+    assert backend.tokenizer.layout.lookahead == 2
+    sampling = SamplingConfig(do_sample=False, repetition_window=8)
+    engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5), min_seconds=0),
+                    sampling).start()
+    voice = Voice.load(sorted(tiny_voices.iterdir())[0])
+    texts = ["Hello there.", "The quick brown fox."]
+    events: list[list] = [[] for _ in texts]
+    finished = threading.Semaphore(0)
+    try:
+        for i, text in enumerate(texts):
+            first, feeds = tok.spoken_feeds(tok.spoken_char_ids(text))
+            prompt = np.append(tts_prompt(tok, text, voice.text, voice.codes), first)
+            engine.submit(SpeechRequest(prompt, 60, lambda e, i=i: (events[i].append(e), isinstance(e, Audio)
+                                                                     or finished.release()),
+                                        time.monotonic() + 120, feeds=feeds))
+        for _ in texts:
+            assert finished.acquire(timeout=120)
+    finally:
+        engine.stop()
+    prompts = [tts_prompt(tok, t, voice.text, voice.codes) for t in texts]
+    reference = generate_codes(backend.model, tok, prompts, 60, sampling,
+                               spoken=[tok.spoken_char_ids(t) for t in texts])
+    for got, codes, truncated in zip(events, reference.codes, reference.truncated, strict=True):
+        assert isinstance(got[-1], Done) and got[-1].frames == len(codes) and got[-1].truncated == truncated
+        audio = np.concatenate([e.samples for e in got if isinstance(e, Audio)])
+        np.testing.assert_allclose(audio, backend.decoder.decode(codes[None])[0].numpy(), atol=1e-4)
+    server = start_server(f"artifact={artifact_dir}", f"api.voices_dir={tiny_voices}", *GREEDY)
+    try:
+        body = {"model": "tts-1", "voice": voice.name, "response_format": "wav"}
+        said = httpx.post(f"{server.url}/v1/audio/speech", json=body | {"input": "Hello there."}, timeout=120)
+        assert said.status_code == 200 and len(said.content) > 1000
+        refused = httpx.post(f"{server.url}/v1/audio/speech", json=body | {"input": "@#"}, timeout=60)
+        assert refused.status_code == 400 and "no letter this model speaks" in refused.text
+    finally:
+        server.stop()
+
+    aligned = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=rlhf", "experiment=tiny",
+                              f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
+                              "run_name=spoken", "stage.sft_run=spoken"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+    assert aligned.returncode != 0 and "which RLHF does not align yet" in aligned.stderr
     model = AutoModelForCausalLM.from_pretrained(sft / "hf", local_files_only=True)
     use = text_use(model, tok, train_shards, count=4)
     assert len(use.ids) == 4 and all(np.isfinite(use.losses[c]).all() for c in use.losses)

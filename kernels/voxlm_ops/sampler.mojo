@@ -1,7 +1,8 @@
 # Fused sampler over the codec-code block of the SpeechLM's logits (the decode hot path).
 #
 # Per row, the same steps as voxlm.speechlm.generate.next_tokens:
-#   only the code block [offset, offset + K) and speech_end are allowed
+#   only the code block [offset, offset + K), speech_end and (when >= 0) advance are allowed; the
+#   caller's logit bias (-inf) masks either of the two per row
 #   -> CTRL repetition penalty on allowed ids found in the row's history (positive logits / penalty,
 #      negative ones * penalty; once per distinct id; -1 = empty slot, ids outside the vocab ignored)
 #   -> temperature 0: argmax (ties: the smallest id, as torch.argmax)
@@ -56,6 +57,19 @@ def _heapify(mut heap: List[Int], vals: List[Float32], weakest_on_top: Bool, siz
         i -= 1
 
 
+def _position(ids: List[Int], n: Int, id: Int) -> Int:
+    """Where `id` sits among the n ascending candidate ids (binary search), or -1."""
+    var low = 0
+    var high = n
+    while low < high:
+        var mid = (low + high) // 2
+        if ids[mid] < id:
+            low = mid + 1
+        else:
+            high = mid
+    return low if low < n and ids[low] == id else -1
+
+
 @extensibility.register("voxlm_code_sampler")
 struct CodeSampler:
     @staticmethod
@@ -64,7 +78,7 @@ struct CodeSampler:
         logits: InputTensor[dtype=DType.float32, rank=2, ...],  # [B, V]
         history: InputTensor[dtype=DType.int64, rank=2, ...],   # [B, H] recent ids, -1 = empty
         u: InputTensor[dtype=DType.float64, rank=1, ...],       # [B] uniform in [0, 1)
-        iparams: InputTensor[dtype=DType.int64, rank=1, ...],   # [4] offset, K, speech_end, top_k
+        iparams: InputTensor[dtype=DType.int64, rank=1, ...],   # [5] offset, K, speech_end, top_k, advance
         fparams: InputTensor[dtype=DType.float32, rank=1, ...], # [3] temperature, top_p, penalty
         ctx: DeviceContext,
     ) raises:
@@ -75,24 +89,34 @@ struct CodeSampler:
         var block = Int(iparams[1])
         var speech_end = Int(iparams[2])
         var top_k = Int(iparams[3])
+        var advance = Int(iparams[4])
         var temperature = fparams[0]
         var top_p = fparams[1].cast[DType.float64]()
         var penalty = fparams[2]
 
-        # Candidates in ascending id order: speech_end goes before or after the block, or is
-        # already inside it. `block_pos` is where code `offset` sits among the candidates.
-        var se_in_block = offset <= speech_end and speech_end < offset + block
-        var n = block if se_in_block else block + 1
-        var block_pos = 1 if (not se_in_block and speech_end < offset) else 0
-        var se_pos = speech_end - offset if se_in_block else (0 if block_pos == 1 else block)
+        # Candidates in ascending id order: the block, and speech_end and advance (-1: none) where they
+        # lie outside it, each once.
+        var extras = List[Int]()
+        if speech_end < offset or speech_end >= offset + block:
+            extras.append(speech_end)
+        if advance >= 0 and advance != speech_end and (advance < offset or advance >= offset + block):
+            extras.append(advance)
+        if len(extras) == 2 and extras[1] < extras[0]:
+            var tmp = extras[0]
+            extras[0] = extras[1]
+            extras[1] = tmp
+        var n = block + len(extras)
+        var ids = List[Int](capacity=n)
+        for e in range(len(extras)):
+            if extras[e] < offset:
+                ids.append(extras[e])
+        for i in range(block):
+            ids.append(offset + i)
+        for e in range(len(extras)):
+            if extras[e] >= offset + block:
+                ids.append(extras[e])
 
         # Scratch reused by every row.
-        var ids = List[Int](capacity=n)
-        for _ in range(n):
-            ids.append(0)
-        for i in range(block):
-            ids[block_pos + i] = offset + i
-        ids[se_pos] = speech_end
         var vals = List[Float32](capacity=n)
         var seen = List[Bool](capacity=n)
         var keep = List[Bool](capacity=n)
@@ -119,11 +143,7 @@ struct CodeSampler:
                     var h = Int(history[r, j])
                     if h < 0 or h >= vocab:
                         continue
-                    var pos = -1
-                    if h == speech_end:
-                        pos = se_pos
-                    elif offset <= h and h < offset + block:
-                        pos = block_pos + h - offset
+                    var pos = _position(ids, n, h)
                     if pos >= 0 and not seen[pos]:
                         seen[pos] = True
                         var v = vals[pos]

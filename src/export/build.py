@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from voxlm.codec.model import Codec
 from voxlm.codec.module import load_codec
+from voxlm.data.text import normalize_text
 from voxlm.eval.report import write_json
 from voxlm.eval.tts_eval import build_cases, case_prompt
 from voxlm.export import artifact, parity, sessions
@@ -77,6 +79,9 @@ def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: C
     cases = build_cases(cfg.data, gate.split, gate.reference_split, codec.sample_rate, int(gate.utterances),
                         float(gate.max_prompt_seconds))
     prompts = [case_prompt(tok, codec, case) for case in cases]
+    if tok.interleaved:  # as generation starts: the first characters after the voice prompt
+        prompts = [np.append(prompt, tok.spoken_feeds(tok.spoken_char_ids(normalize_text(case.text)))[0])
+                   for prompt, case in zip(prompts, cases, strict=True)]
     checks = parity.speechlm_checks(torch_model, models["speechlm"], tok, prompts, thresholds,
                                     int(gate.decode_steps), int(gate.greedy_tokens))
     write_report(gate.get("report"), checks, title, complete=False)  # kept if the codec checks then break
@@ -108,10 +113,6 @@ def export_artifact(cfg: DictConfig) -> Path:
     codec_dir = find_run(sources.codec, runs_dir, "codec")
     codec = load_codec(codec_dir).eval()
     torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
-    if tok.interleaved:
-        raise ValueError(f"{speechlm_dir} is an interleaved SpeechLM, which export does not take yet: the "
-                         "MAX sampler draws from the code block and [speech_end] only, never <|advance|>. "
-                         "Export a plain-format run (speechlm.tokenizer.interleave=false)")
     out = Path(cfg.out)
     log.info("exporting %s + %s for %s/%s to %s", speechlm_dir, codec_dir, cfg.device, cfg.dtype, out)
 

@@ -19,10 +19,12 @@ Semantics (the NumPy references below are the specification; the Mojo kernels ma
   widened by `hangover` frames on both sides, returned in samples as [start, end). No voiced frame (all
   silent, or an empty clip) returns the explicit empty region start = end = 0.
 - Sampler: `voxlm.speechlm.generate.next_tokens` restricted to the code block [offset, offset + K) plus
-  speech_end (mask ─► repetition penalty ─► temperature ─► top-k ─► top-p), except that the randomness is
-  the caller's u in [0, 1) per row: inverse-CDF sampling over the filtered, renormalized distribution in
-  ascending token-id order (the first id whose cumulative weight exceeds u * total). Temperature 0 is the
-  argmax (ties: smallest id). Ties in top-p's ordering go to the smaller id; probabilities are float64.
+  speech_end and, for an interleaved SpeechLM, advance (mask ─► repetition penalty ─► temperature ─► top-k
+  ─► top-p; the graphs add a per-row logit bias first, which masks speech_end or advance per row), except
+  that the randomness is the caller's u in [0, 1) per row: inverse-CDF sampling over the filtered,
+  renormalized distribution in ascending token-id order (the first id whose cumulative weight exceeds
+  u * total). Temperature 0 is the argmax (ties: smallest id). Ties in top-p's ordering go to the smaller
+  id; probabilities are float64.
   `sample_codes_torch` runs the same steps with generate.py's own torch functions: the benchmark baseline.
 - Cached attention: one SpeechLM layer's attention over a preallocated KV cache (the in-place decode graph of
   voxlm.export.speechlm runs it once per layer); `cached_attention_reference` is the same computation with
@@ -75,14 +77,16 @@ class CodeSamplerParams:
 
     offset: int          # first code id
     num_codes: int       # K: codes are [offset, offset + K)
-    speech_end: int      # the one extra allowed id
+    speech_end: int      # an extra allowed id
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     penalty: float = 1.0
+    advance: int = -1    # another extra allowed id, the interleaved format's <|advance|> (-1: none)
 
     def __post_init__(self) -> None:
-        if self.num_codes < 1 or self.offset < 0 or self.speech_end < 0 or self.top_k < 0:
+        if (self.num_codes < 1 or self.offset < 0 or self.speech_end < 0 or self.top_k < 0
+                or self.advance < -1):
             raise ValueError(f"bad sampler ids: {self}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.penalty <= 0:
             raise ValueError(f"bad sampling settings: {self}")
@@ -93,18 +97,20 @@ class CodeSamplerParams:
         caller's business: pass the last `repetition_window` codes as `history`)."""
         return cls(offset=tok.code_offset, num_codes=tok.vocab_size - tok.code_offset,
                    speech_end=tok.speech_end_id, temperature=0.0 if cfg.greedy else cfg.temperature,
-                   top_k=cfg.top_k or 0, top_p=cfg.top_p, penalty=cfg.repetition_penalty)
+                   top_k=cfg.top_k or 0, top_p=cfg.top_p, penalty=cfg.repetition_penalty,
+                   advance=tok.advance_id if tok.interleaved else -1)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The kernel's iparams [4] int64 (offset, codes, speech_end, top_k) and fparams [3] float32
-        (temperature, top_p, penalty)."""
-        return (np.array([self.offset, self.num_codes, self.speech_end, self.top_k], np.int64),
+        """The kernel's iparams [5] int64 (offset, codes, speech_end, top_k, advance) and fparams [3]
+        float32 (temperature, top_p, penalty)."""
+        return (np.array([self.offset, self.num_codes, self.speech_end, self.top_k, self.advance], np.int64),
                 np.array([self.temperature, self.top_p, self.penalty], np.float32))
 
     def candidate_ids(self) -> np.ndarray:
-        """The allowed ids, ascending (speech_end once, even when it lies inside the block)."""
+        """The allowed ids, ascending (each extra id once, even when it lies inside the block)."""
         block = np.arange(self.offset, self.offset + self.num_codes)
-        return np.union1d(block, [self.speech_end]).astype(np.int64)
+        extras = [self.speech_end] + ([self.advance] if self.advance >= 0 else [])
+        return np.union1d(block, extras).astype(np.int64)
 
 
 # ---------------------------------------------------------------- NumPy references (the specification)
@@ -183,8 +189,7 @@ def sample_codes_torch(logits: torch.Tensor, history: torch.Tensor | None, u: to
     the baseline the kernel is timed against. Agrees with the reference except at rounding boundaries."""
     rows, vocab = logits.shape
     allowed = torch.zeros(vocab, dtype=torch.bool)
-    allowed[params.offset: params.offset + params.num_codes] = True
-    allowed[params.speech_end] = True
+    allowed[torch.from_numpy(params.candidate_ids())] = True
     x = logits.masked_fill(~allowed, -math.inf)
     if history is not None:
         x = apply_repetition_penalty(x, history, params.penalty)
@@ -229,7 +234,7 @@ def _sampler_model() -> Model:
     types = [TensorType(DType.float32, ["batch", "vocab"], device),
              TensorType(DType.int64, ["batch", "history"], device),
              TensorType(DType.float64, ["batch"], device),
-             TensorType(DType.int64, [4], device),
+             TensorType(DType.int64, [5], device),
              TensorType(DType.float32, [3], device)]
     with Graph("voxlm_code_sampler", input_types=types, custom_extensions=[KERNELS_PATH]) as graph:
         (tokens,) = ops.custom("voxlm_code_sampler", device=device, values=list(graph.inputs),
@@ -295,7 +300,7 @@ def sample_codes(logits: np.ndarray | torch.Tensor, history: np.ndarray | torch.
     x = numpy(logits, np.float32)
     rows, vocab = x.shape
     h = np.zeros((rows, 0), np.int64) if history is None else numpy(history, np.int64).reshape(rows, -1)
-    if max(params.offset + params.num_codes, params.speech_end + 1) > vocab:
+    if int(params.candidate_ids()[-1]) >= vocab:
         raise ValueError(f"allowed ids reach past the {vocab} logits: {params}")
     iparams, fparams = params.arrays()
     (tokens,) = _sampler_model().execute(_buffer(x), _buffer(h), _buffer(numpy(u, np.float64).reshape(rows)),

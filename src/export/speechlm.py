@@ -186,13 +186,13 @@ def sampler_inputs(vocab_size: int) -> list[TensorType]:
     """What the CPU graphs sample the next token with, by the fused Mojo sampler (voxlm.export.kernels):
     logit_bias [B, vocab] float32 added first (-inf: a token this row may not take now, e.g. [speech_end]
     before the shortest answer), recent [B, W] code ids for the repetition penalty (-1: none), u [B] the
-    row's uniform number, iparams [4] (offset, codes, speech_end, top_k), fparams [3] (temperature, top_p,
-    penalty). Sampling in the graph saves a second graph call per step (~0.2-0.8 ms in the server)."""
+    row's uniform number, iparams [5] (offset, codes, speech_end, top_k, advance), fparams [3] (temperature,
+    top_p, penalty). Sampling in the graph saves a second graph call per step (~0.2-0.8 ms in the server)."""
     device = DeviceRef.CPU()
     return [TensorType(DType.float32, ["batch", vocab_size], device=device),
             TensorType(DType.int64, ["batch", "window"], device=device),
             TensorType(DType.float64, ["batch"], device=device),
-            TensorType(DType.int64, [4], device=device),
+            TensorType(DType.int64, [5], device=device),
             TensorType(DType.float32, [3], device=device)]
 
 

@@ -228,7 +228,7 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         events: asyncio.Queue = asyncio.Queue()
         item = SpeechRequest(job["prompt"], job["max_frames"], lambda e: loop.call_soon_threadsafe(
             events.put_nowait, e), time.monotonic() + settings.request_timeout_seconds, id=uuid.uuid4().hex,
-            playback_rate=job["speed"])
+            playback_rate=job["speed"], feeds=job["feeds"])
         try:
             engine.submit(item)
         except QueueFull as error:
@@ -324,15 +324,22 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
                            "voice")
         voice = voices.get(voice_name)
         tok = backend.tokenizer
-        prompt = tts_prompt(tok, normalized, voice.text, voice.codes)
+        prompt, feeds = tts_prompt(tok, normalized, voice.text, voice.codes), []
+        if tok.interleaved:  # the first characters follow the prompt; the engine feeds the rest
+            spoken = tok.spoken_char_ids(normalized)
+            if not spoken:
+                raise ApiError(400, "'input' has no letter this model speaks "
+                               f"({tok.layout.spoken_alphabet!r}): spell symbols out in words", "input")
+            first, feeds = tok.spoken_feeds(spoken)
+            prompt = np.append(prompt, first)
         rate = backend.codec.frame_rate
         max_frames = frame_limit(len(tok.encode_text(normalized)), settings.base_seconds * rate,
                                  settings.seconds_per_text_token * rate)
-        room = backend.context_length - len(prompt)
+        room = backend.context_length - len(prompt) - len(feeds)
         if room < min(max_frames, rate):  # less than a second of speech would fit in the model's context
             raise ApiError(400, f"'input' is too long for this model: its prompt takes {len(prompt)} of "
                            f"{backend.context_length} positions; send a shorter text", "input")
-        return {"prompt": prompt, "max_frames": min(max_frames, room), "format": fmt,
+        return {"prompt": prompt, "feeds": feeds, "max_frames": min(max_frames, room), "format": fmt,
                 "sse": stream_format == "sse", "speed": float(speed)}
 
     app.include_router(v1)

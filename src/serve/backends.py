@@ -51,9 +51,10 @@ class Backend:
     cache_from_tensors: Callable[..., Any]  # (tensors, spare_rows=0): spare_rows, room for append_rows
     # A forward over new tokens and the sampling of each row's next one: (input_ids [B, T], attention_mask
     # [B, P+T], position_ids [B, T], cache, end_allowed [B] bool (False: [speech_end] may not come yet),
-    # recent code ids [B, W], sampling, generator) -> (next token ids [B], cache)
-    step: Callable[[Tensor, Tensor, Tensor, Any, Tensor, Tensor, SamplingConfig, torch.Generator | None],
-                   tuple[Tensor, Any]]
+    # advance_allowed [B] bool (the interleaved format's <|advance|>; ignored by plain models), recent code
+    # ids [B, W], sampling, generator) -> (next token ids [B], cache)
+    step: Callable[[Tensor, Tensor, Tensor, Any, Tensor, Tensor, Tensor, SamplingConfig,
+                    torch.Generator | None], tuple[Tensor, Any]]
     # In-place row moves, or None where the backend has none (or returns None: the engine copies instead).
     # keep_rows(cache, order): new row j = old row order[j], rows moving only from past the new end.
     keep_rows: Callable[[Any, list[int]], Any] | None = None
@@ -75,13 +76,16 @@ def max_backend(artifact_dir: str | Path, device: str = "cpu", extra_voices_dir:
 
     tok = loaded.tokenizer
 
-    def step(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, end_allowed: Tensor, recent: Tensor,
-             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Any]:
+    def step(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, end_allowed: Tensor,
+             advance_allowed: Tensor, recent: Tensor, sampling: SamplingConfig,
+             generator: torch.Generator | None) -> tuple[Tensor, Any]:
         # The fused Mojo sampler (mask, repetition penalty, temperature, top-k, top-p and the draw in one
         # kernel, from uniform numbers of the engine's generator) runs inside the CPU's graph call.
         u = torch.rand(len(ids), generator=generator, dtype=torch.float64)
         bias = torch.zeros(len(ids), model.shape.vocab_size)
         bias[~end_allowed, tok.speech_end_id] = -math.inf
+        if tok.interleaved:
+            bias[~advance_allowed, tok.advance_id] = -math.inf
         return model.sample_step(ids, mask, positions, cache, bias, recent, u,
                                  CodeSamplerParams.from_config(sampling, tok))
 
@@ -96,10 +100,6 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
     """The PyTorch reference: the HF SpeechLM and the codec as trained, the NumPy silence detector."""
     codec = load_codec(codec_path, map_location=device).eval()
     model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype)
-    if tok.interleaved:
-        raise ValueError(f"{checkpoint} is an interleaved SpeechLM, which the server does not run yet: its "
-                         "engine does not feed the spoken characters. Serve a plain-format model "
-                         "(speechlm.tokenizer.interleave=false), or use synth.py")
 
     def to_tensors(cache: DynamicCache) -> list[Tensor]:
         return [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -109,13 +109,16 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
 
     allowed = allowed_tokens(tok, model.config.vocab_size).to(device)
 
-    def step(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, end_allowed: Tensor, recent: Tensor,
-             sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Any]:
+    def step(ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, end_allowed: Tensor,
+             advance_allowed: Tensor, recent: Tensor, sampling: SamplingConfig,
+             generator: torch.Generator | None) -> tuple[Tensor, Any]:
         ids, mask, positions = (t.to(device) for t in (ids, mask, positions))
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                     logits_to_keep=1)
         logits = out.logits[:, -1].float()
         logits[~end_allowed.to(device), tok.speech_end_id] = -math.inf
+        if tok.interleaved:
+            logits[~advance_allowed.to(device), tok.advance_id] = -math.inf
         return next_tokens(logits, allowed, recent.to(device), sampling, generator).cpu(), out.cache
 
     dirs = [Path(voices_dir)] if voices_dir else []

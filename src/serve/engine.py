@@ -110,6 +110,9 @@ class SpeechRequest:
     created: float = field(default_factory=time.monotonic)
     cancelled: bool = False               # set by the client side; the engine frees the slot at its next turn
     playback_rate: float = 1.0            # audio seconds the client plays per second (its speed change)
+    # Interleaved SpeechLMs: the token fed at each <|advance|> the model says (`tok.spoken_feeds`; the first
+    # characters are already at the end of `prompt`). [speech_end] waits until all are fed.
+    feeds: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -130,6 +133,11 @@ class Row:
     trimmed_samples: int = 0
     held: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # audio after the last cut
     finished: bool = False
+    fed: int = 0                          # request.feeds handed to the model so far
+
+    @property
+    def may_advance(self) -> bool:
+        return self.fed < len(self.request.feeds)
 
 
 @dataclass
@@ -305,17 +313,27 @@ class Engine:
     def _forward(self, rows: list[Row], ids: Tensor, mask: Tensor, positions: Tensor, cache: Any,
                  recent: Tensor) -> tuple[Tensor, Any]:
         """The backend's forward and sampling: each row's next token, and the cache."""
-        # [speech_end] waits for min_frames: a model that ends at once would answer a text with silence.
-        end_allowed = torch.tensor([row.frames >= self.min_frames for row in rows])
-        return self.backend.step(ids, mask, positions, cache, end_allowed, recent, self.sampling,
-                                 self.generator)
+        # [speech_end] waits for min_frames: a model that ends at once would answer a text with silence; in
+        # the interleaved format it also waits for the last character, and <|advance|> comes only before it.
+        advance_allowed = torch.tensor([row.may_advance for row in rows])
+        end_allowed = torch.tensor([row.frames >= self.min_frames for row in rows]) & ~advance_allowed
+        return self.backend.step(ids, mask, positions, cache, end_allowed, advance_allowed, recent,
+                                 self.sampling, self.generator)
 
     def _take(self, group: Group, tokens: Tensor) -> Group | None:
-        """Each row's next token: hand out full chunks, and drop the rows that finished."""
-        group.last_token = tokens
+        """Each row's next token: hand out full chunks, feed the next character where a row advances, and
+        drop the rows that finished."""
+        fed, said = tokens.clone(), tokens.clone()  # what the next step reads; codes for the penalty's window
+        for i, (row, token) in enumerate(zip(group.rows, tokens.tolist(), strict=True)):
+            if token == self.tok.advance_id and row.may_advance:
+                fed[i], said[i] = row.request.feeds[row.fed], -1
+                row.fed += 1
+        group.last_token = fed
         if group.recent.shape[1]:
-            group.recent = torch.cat([group.recent[:, 1:], tokens[:, None]], dim=1)
-        for row, token in zip(group.rows, tokens.tolist(), strict=True):
+            group.recent = torch.cat([group.recent[:, 1:], said[:, None]], dim=1)
+        for row, token in zip(group.rows, said.tolist(), strict=True):
+            if token == -1:
+                continue
             if token == self.tok.speech_end_id:
                 self._finish(row, truncated=False)
                 continue

@@ -83,14 +83,17 @@ def frame_limit(num_text_tokens: int, base_frames: float, frames_per_text_token:
 
 
 def allowed_tokens(tok: SpeechTokenizer, num_logits: int) -> Tensor:
-    """BoolTensor [num_logits]: the code block and [speech_end]. Rows past the tokenizer's vocabulary
-    (a padded output layer) and every text or control token stay masked."""
+    """BoolTensor [num_logits]: the code block and [speech_end] (and <|advance|> for an interleaved model).
+    Rows past the tokenizer's vocabulary (a padded output layer) and every text or control token stay
+    masked."""
     if num_logits < tok.vocab_size:
         raise ValueError(f"the model has {num_logits} output rows, fewer than the tokenizer's "
                          f"{tok.vocab_size} tokens: model and tokenizer do not belong together")
     allowed = torch.zeros(num_logits, dtype=torch.bool)
     allowed[tok.code_offset: tok.vocab_size] = True
     allowed[tok.speech_end_id] = True
+    if tok.interleaved:
+        allowed[tok.advance_id] = True
     return allowed
 
 
