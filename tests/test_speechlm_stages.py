@@ -368,6 +368,12 @@ def test_a_tampered_artifact_is_refused(artifact_dir: Path, tmp_path: Path) -> N
         load_manifest(copy)
     with pytest.raises(ArtifactError, match="exported for device=cpu"):
         load_manifest(artifact_dir, device="gpu")
+    older = tmp_path / "older"  # an artifact of an earlier format: its graphs take other inputs
+    shutil.copytree(artifact_dir, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    (older / "manifest.json").write_text(json.dumps(manifest | {"format": 1}))
+    with pytest.raises(ArtifactError, match="artifact format 1, this voxlm reads 2: re-export it"):
+        load_manifest(older)
 
 
 def test_the_parity_gate_catches_a_perturbed_weight(workspace: Path, tiny_corpus: Path,

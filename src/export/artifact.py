@@ -26,7 +26,8 @@ from typing import Any
 from voxlm.runs import file_digest
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the SpeechLM graphs' sampler takes five int parameters (<|advance|> added): version-1 graphs do not load.
+FORMAT_VERSION = 2
 
 
 class ArtifactError(Exception):
