@@ -22,6 +22,7 @@ from transformers import LlamaForCausalLM
 
 from voxlm.codec.model import Codec
 from voxlm.data.dataset import Preprocess
+from voxlm.eval.given_timing import codes_at_timings
 from voxlm.speechlm.generate import (
     SamplingConfig,
     allowed_tokens,
@@ -316,6 +317,28 @@ def test_lookahead_rows_are_fed_ahead_and_told_where_each_character_begins(tok: 
     spoken = [spoken_tok.spoken_char_ids("hii")] * 2
     generated = generate_codes(model, spoken_tok, rows, 50, GREEDY, spoken=spoken)
     assert [c.tolist() for c in generated.codes] == [[5, 5, 2]] * 2 and generated.truncated == [False] * 2
+
+
+def test_given_timings_feed_each_character_at_its_frame(tok: SpeechTokenizer) -> None:
+    """voxlm.eval.given_timing: 'h' at frame 0 and 'i' at frame 2 of 4, whatever the model would rather
+    do. h -> c1; c1 -> [speech_end] (preferred, never sampled here) or c4; 'i' -> c7; c7 -> c2."""
+    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
+    h, i, end = spoken_tok.char_ids["h"], spoken_tok.char_ids["i"], spoken_tok.speech_end_id
+    model = bigram_lm(spoken_tok, {h: code(spoken_tok, 1), code(spoken_tok, 1): end,
+                                   i: code(spoken_tok, 7), code(spoken_tok, 7): code(spoken_tok, 2)})
+    with torch.no_grad():  # c4 second after c1, at half the logit
+        embed = model.model.embed_tokens.weight[code(spoken_tok, 1)]
+        model.lm_head.weight[code(spoken_tok, 4)] += 0.5 * embed / embed.pow(2).mean().sqrt()
+    prompt = tts_prompt(spoken_tok, "hi")
+    codes = codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 2], 4, GREEDY)
+    assert codes.tolist() == [1, 4, 7, 2]
+    with pytest.raises(ValueError, match="one start per character"):
+        codes_at_timings(model, spoken_tok, prompt, [h, i], [0], 4, GREEDY)
+    with pytest.raises(ValueError, match="no code for the last character"):
+        codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 2], 2, GREEDY)
+    with pytest.raises(ValueError, match="for interleaved SpeechLMs"):
+        codes_at_timings(model, tok, tts_prompt(tok, "hi"), [h, i], [0, 2], 4, GREEDY)
 
 
 # --- voices ------------------------------------------------------------------------------------------------

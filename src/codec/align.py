@@ -47,6 +47,14 @@ def code_log_probs(head: CTCHead, quantizer: FSQ, codes: np.ndarray) -> torch.Te
 
 
 @torch.inference_mode()
+def read_characters(head: CTCHead, quantizer: FSQ, codes: np.ndarray) -> str:
+    """What the head reads off the codes: greedy CTC (best class per frame, repeats merged, blanks out)."""
+    best = code_log_probs(head, quantizer, codes).argmax(dim=1).tolist()
+    return "".join(head.alphabet[i - 1] for i, before in zip(best, [0, *best], strict=False)
+                   if i != 0 and i != before)
+
+
+@torch.inference_mode()
 def transcript_timings(head: CTCHead, quantizer: FSQ, codes: np.ndarray,
                        text: str) -> tuple[list[int] | None, list[int] | None]:
     """(word cuts, character starts) of `text` in `codes`, from one pass of the head over the codes.

@@ -1,0 +1,91 @@
+"""Durations or sounds? `python scripts/given_timing.py experiment=quickstart eval.speechlm_run=RUN
+[eval.max_utterances=30] ['~eval.conditions.test_unseen']` for an interleaved SpeechLM.
+
+For each evaluation sentence (the first `eval.max_utterances` of each condition, with eval_tts's voice
+prompts and sampling): the ground-truth recording's codes, the model speaking freely, and the model
+speaking with the recording's character timings (voxlm.eval.given_timing). Each is decoded by the codec and
+transcribed by Whisper tiny.en; the codec's CTC head also reads characters off the codes (a character error
+rate that needs no audio). Writes given_timing.md and .json to eval.out.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import jiwer
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from voxlm.codec.align import load_ctc_head, read_characters, transcript_timings
+from voxlm.codec.losses import spoken_characters
+from voxlm.codec.module import load_codec
+from voxlm.data.text import normalize_text
+from voxlm.eval.asr import WhisperJudge, corpus_wer
+from voxlm.eval.given_timing import codes_at_timings
+from voxlm.eval.report import markdown_table, write_json
+from voxlm.eval.tts_eval import build_cases, case_prompt, decode_codes, encode_audio
+from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
+from voxlm.speechlm.model import load_speechlm
+
+log = logging.getLogger("given_timing")
+WAYS = ("ground_truth", "free", "given_timing")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval_tts")
+def main(cfg: DictConfig) -> None:
+    ev = cfg.eval
+    codec = load_codec(ev.codec_run).eval()
+    head = load_ctc_head(ev.codec_run)
+    if head is None:
+        raise ValueError(f"{ev.codec_run} has no CTC head: the timings come from its forced alignment")
+    model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
+    sampling = SamplingConfig(**OmegaConf.to_container(ev.sampling))
+    generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None
+    judge = WhisperJudge()
+    rate, table, report = codec.frame_rate, {}, {"speechlm_run": str(ev.speechlm_run), "conditions": {}}
+    for name, condition in ev.conditions.items():
+        cases = build_cases(cfg.data, condition.split, condition.reference_split, codec.sample_rate,
+                            int(ev.max_utterances), float(ev.max_prompt_seconds), int(ev.seed))
+        texts, results = [], {way: {"hypotheses": [], "cer": [], "duration": []} for way in WAYS}
+        for case in tqdm(cases, desc=name, unit="sentence"):
+            text = normalize_text(case.text)
+            truth = encode_audio(codec, case.audio)
+            _, starts = transcript_timings(head, codec.quantizer, truth, text)
+            if starts is None:
+                log.warning("%s: the CTC head cannot align '%s' to its recording; left out", case.id, text)
+                continue
+            prompt, chars = case_prompt(tok, codec, case), tok.spoken_char_ids(text)
+            limit = frame_limit(len(tok.encode_text(text)), ev.length.base_seconds * rate,
+                                ev.length.seconds_per_text_token * rate)
+            codes = {"ground_truth": torch.from_numpy(truth),
+                     "free": generate_codes(model, tok, [prompt], limit, sampling, spoken=[chars]).codes[0],
+                     "given_timing": codes_at_timings(model, tok, prompt, chars, starts, len(truth), sampling,
+                                                      generator)}
+            reference = spoken_characters(text, head.alphabet)
+            texts.append(case.text)
+            for way, said in codes.items():
+                audio = decode_codes(codec, said)
+                results[way]["hypotheses"].append(judge.transcribe_one(audio, codec.sample_rate))
+                results[way]["cer"].append(jiwer.cer(reference, read_characters(head, codec.quantizer,
+                                                                                 said.numpy())))
+                results[way]["duration"].append(len(said) / len(truth))
+        rows = {f"{name}/{way}": {"n": len(texts), "wer": corpus_wer(texts, r["hypotheses"]),
+                                  "ctc_cer": float(np.mean(r["cer"])),
+                                  "duration_ratio": float(np.mean(r["duration"]))}
+                for way, r in results.items()}
+        table |= rows
+        report["conditions"][name] = {"rows": rows, "texts": texts, "results": results}
+    out = Path(ev.out)
+    write_json(report | {"sampling": OmegaConf.to_container(ev.sampling)}, out / "given_timing.json")
+    lines = [f"# Given timings: {ev.speechlm_run}", "", f"Sampling {OmegaConf.to_container(ev.sampling)}.",
+             "", markdown_table(table, ["n", "wer", "ctc_cer", "duration_ratio"]), ""]
+    (out / "given_timing.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
