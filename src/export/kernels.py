@@ -106,6 +106,11 @@ class CodeSamplerParams:
         return (np.array([self.offset, self.num_codes, self.speech_end, self.top_k, self.advance], np.int64),
                 np.array([self.temperature, self.top_p, self.penalty], np.float32))
 
+    @property
+    def last_id(self) -> int:
+        """The largest allowed id: the logits must reach it."""
+        return max(self.offset + self.num_codes - 1, self.speech_end, self.advance)
+
     def candidate_ids(self) -> np.ndarray:
         """The allowed ids, ascending (each extra id once, even when it lies inside the block)."""
         block = np.arange(self.offset, self.offset + self.num_codes)
@@ -189,7 +194,10 @@ def sample_codes_torch(logits: torch.Tensor, history: torch.Tensor | None, u: to
     the baseline the kernel is timed against. Agrees with the reference except at rounding boundaries."""
     rows, vocab = logits.shape
     allowed = torch.zeros(vocab, dtype=torch.bool)
-    allowed[torch.from_numpy(params.candidate_ids())] = True
+    allowed[params.offset: params.offset + params.num_codes] = True
+    allowed[params.speech_end] = True
+    if params.advance >= 0:
+        allowed[params.advance] = True
     x = logits.masked_fill(~allowed, -math.inf)
     if history is not None:
         x = apply_repetition_penalty(x, history, params.penalty)
@@ -300,7 +308,7 @@ def sample_codes(logits: np.ndarray | torch.Tensor, history: np.ndarray | torch.
     x = numpy(logits, np.float32)
     rows, vocab = x.shape
     h = np.zeros((rows, 0), np.int64) if history is None else numpy(history, np.int64).reshape(rows, -1)
-    if int(params.candidate_ids()[-1]) >= vocab:
+    if params.last_id >= vocab:
         raise ValueError(f"allowed ids reach past the {vocab} logits: {params}")
     iparams, fparams = params.arrays()
     (tokens,) = _sampler_model().execute(_buffer(x), _buffer(h), _buffer(numpy(u, np.float64).reshape(rows)),
