@@ -32,6 +32,7 @@ from voxlm.speechlm.sequences import (
     PretrainDataset,
     SFTDataset,
     continuation_example,
+    generation_start,
     interleaved_speech,
     pack,
     pad_collate,
@@ -556,6 +557,9 @@ def test_lookahead_gives_the_next_characters_before_the_codes(tmp_path: Path) ->
     assert tok.spoken_feeds([h, i, space, b, o]) == ([h, i, space], [b, o, adv, adv])
     assert tok.spoken_feeds([h, i]) == ([h, i], [adv])  # fewer characters than the lookahead
     assert tok.spoken_feeds([h]) == ([h], [])
+    prompt = tts_prompt(tok, text)
+    start, feeds = generation_start(tok, prompt, [h, i, space, b, o])
+    assert start.tolist() == [*prompt, h, i, space] and feeds == [b, o, adv, adv]
     ids, labels = interleaved_speech(tok, codes, [h, i, space, b, o], starts)
     c = tok.code_to_token(codes).tolist()
     assert ids.tolist() == [h, i, space, *c[0:4], b, *c[4:9], o, *c[9:10], adv, *c[10:15], adv, *c[15:20],

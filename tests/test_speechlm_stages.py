@@ -29,7 +29,7 @@ from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, SpeechRequest
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.module import SpeechLMModule
-from voxlm.speechlm.sequences import pad_collate, tts_prompt, tts_sequence
+from voxlm.speechlm.sequences import generation_start, pad_collate, tts_prompt, tts_sequence
 from voxlm.speechlm.stage import val_rows
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.speechlm.voices import Voice
@@ -133,8 +133,8 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
     finished = threading.Semaphore(0)
     try:
         for i, text in enumerate(texts):
-            first, feeds = tok.spoken_feeds(tok.spoken_char_ids(text))
-            prompt = np.append(tts_prompt(tok, text, voice.text, voice.codes), first)
+            prompt, feeds = generation_start(tok, tts_prompt(tok, text, voice.text, voice.codes),
+                                             tok.spoken_char_ids(text))
             engine.submit(SpeechRequest(prompt, 60, lambda e, i=i: (events[i].append(e), isinstance(e, Audio)
                                                                      or finished.release()),
                                         time.monotonic() + 120, feeds=feeds))

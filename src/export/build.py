@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from voxlm.codec.model import Codec
@@ -32,6 +31,7 @@ from voxlm.eval.tts_eval import build_cases, case_prompt
 from voxlm.export import artifact, parity, sessions
 from voxlm.runs import find_run
 from voxlm.speechlm.model import load_speechlm, speechlm_folder
+from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.speechlm.voices import Voice, list_voices
 
@@ -78,10 +78,10 @@ def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: C
     thresholds = OmegaConf.to_container(gate.thresholds[cfg.dtype])
     cases = build_cases(cfg.data, gate.split, gate.reference_split, codec.sample_rate, int(gate.utterances),
                         float(gate.max_prompt_seconds))
-    prompts = [case_prompt(tok, codec, case) for case in cases]
-    if tok.interleaved:  # as generation starts: the first characters after the voice prompt
-        prompts = [np.append(prompt, tok.spoken_feeds(tok.spoken_char_ids(normalize_text(case.text)))[0])
-                   for prompt, case in zip(prompts, cases, strict=True)]
+    # As generation starts: in the interleaved format, the first characters after the voice prompt.
+    spoken = [tok.spoken_char_ids(normalize_text(case.text)) if tok.interleaved else None for case in cases]
+    prompts = [generation_start(tok, case_prompt(tok, codec, case), chars)[0]
+               for case, chars in zip(cases, spoken, strict=True)]
     checks = parity.speechlm_checks(torch_model, models["speechlm"], tok, prompts, thresholds,
                                     int(gate.decode_steps), int(gate.greedy_tokens))
     write_report(gate.get("report"), checks, title, complete=False)  # kept if the codec checks then break

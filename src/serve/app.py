@@ -48,7 +48,7 @@ from voxlm.serve.formats import (
 )
 from voxlm.serve.metrics import ServeMetrics
 from voxlm.speechlm.generate import frame_limit
-from voxlm.speechlm.sequences import tts_prompt
+from voxlm.speechlm.sequences import generation_start, tts_prompt
 from voxlm.speechlm.voices import Voice, check_name, encode_voice, list_voices, save_voice
 
 log = logging.getLogger("voxlm.serve")
@@ -324,14 +324,12 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
                            "voice")
         voice = voices.get(voice_name)
         tok = backend.tokenizer
-        prompt, feeds = tts_prompt(tok, normalized, voice.text, voice.codes), []
-        if tok.interleaved:  # the first characters follow the prompt; the engine feeds the rest
-            spoken = tok.spoken_char_ids(normalized)
-            if not spoken:
-                raise ApiError(400, "'input' has no letter this model speaks "
-                               f"({tok.layout.spoken_alphabet!r}): spell symbols out in words", "input")
-            first, feeds = tok.spoken_feeds(spoken)
-            prompt = np.append(prompt, first)
+        spoken = tok.spoken_char_ids(normalized) if tok.interleaved else None
+        if spoken == []:
+            raise ApiError(400, "'input' has no letter this model speaks "
+                           f"({tok.layout.spoken_alphabet!r}): spell symbols out in words", "input")
+        # The first characters follow the prompt; the engine feeds the rest.
+        prompt, feeds = generation_start(tok, tts_prompt(tok, normalized, voice.text, voice.codes), spoken)
         rate = backend.codec.frame_rate
         max_frames = frame_limit(len(tok.encode_text(normalized)), settings.base_seconds * rate,
                                  settings.seconds_per_text_token * rate)

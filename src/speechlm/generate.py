@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 Prompt = Sequence[int] | np.ndarray | Tensor
@@ -193,8 +194,8 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         if len(spoken) != len(prompts) or not all(len(row) for row in spoken):
             raise ValueError(f"need one non-empty list of spoken characters per prompt ({len(prompts)}), got "
                              f"{[len(row) for row in spoken]}: a text with nothing to say cannot be spoken")
-        firsts, laters = zip(*(tok.spoken_feeds(row) for row in spoken), strict=True)
-        prompts = [np.append(np.asarray(p), first) for p, first in zip(prompts, firsts, strict=True)]
+        prompts, laters = zip(*(generation_start(tok, np.asarray(p), row)
+                                for p, row in zip(prompts, spoken, strict=True)), strict=True)
         feeds = _right_pad(laters)
     ids, mask = left_pad(prompts, tok.pad_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -91,6 +91,17 @@ def tts_prompt(tok: SpeechTokenizer, text: str, prompt_text: str | None = None,
                 [tok.speech_start_id], speech)
 
 
+def generation_start(tok: SpeechTokenizer, prompt: np.ndarray,
+                     char_ids: Sequence[int] | None = None) -> tuple[np.ndarray, list[int]]:
+    """What generation reads before the first code, and what it feeds at each later <|advance|>: a plain
+    model's tts_prompt as it is, and []; an interleaved model's with the text's first spoken characters
+    (`char_ids`, with the lookahead's) appended, and the rest (`tok.spoken_feeds`)."""
+    if not tok.interleaved:
+        return np.asarray(prompt), []
+    first, later = tok.spoken_feeds(char_ids or [])
+    return _ids(prompt, first), later
+
+
 def tts_sequence(tok: SpeechTokenizer, text: str, codes: np.ndarray, prompt_text: str | None = None,
                  prompt_codes: np.ndarray | None = None, char_starts: Sequence[int] | None = None) -> Example:
     """The tts format for `text` spoken as `codes`, optionally after a voice prompt; loss on target speech.

@@ -161,7 +161,7 @@ def pretrain_tokenizer(tok_cfg: DictConfig, shards: CodeShards, folder: Path,
                         f"{shards.split_dir} have none: re-run `python train.py stage=tokenize` with a codec "
                         "trained with its CTC head (loss weight ctc > 0)")
             tok = SpeechTokenizer.build(text_tokenizer, shards.codebook_size, spoken_alphabet=alphabet,
-                                        lookahead=int(tok_cfg.get("lookahead", 0)) if alphabet else 0)
+                                        lookahead=int(tok_cfg.get("lookahead", 0)))
             save_atomically(tok.save_pretrained, folder)
             log.info("tokenizer written to %s", folder)
         else:

@@ -124,7 +124,8 @@ class SpeechTokenizer:
         self.char_ids = self._char_ids(layout.spoken_alphabet) if layout.spoken_alphabet else {}
         if layout.lookahead < 0 or (layout.lookahead and not layout.spoken_alphabet):
             raise ValueError(f"lookahead {layout.lookahead}: it counts characters of the interleaved format, "
-                             "so it must be >= 0, and 0 without a spoken alphabet")
+                             "so it must be >= 0, and 0 without a spoken alphabet (set "
+                             "speechlm.tokenizer.interleave=true, or lookahead=0)")
 
     def _char_ids(self, alphabet: str) -> dict[str, int]:
         """Each spoken character's own text token: the interleaved format puts it into the speech."""
