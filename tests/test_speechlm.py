@@ -16,6 +16,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
+from voxlm.data.phonemes import (
+    phoneme_inventory,
+    phoneme_starts,
+    phoneme_symbols,
+    spoken_phonemes,
+    word_phonemes,
+)
 from voxlm.data.shards import CodeShards, ShardWriter
 from voxlm.speechlm.alignment import (
     TextSpeechSpan,
@@ -610,3 +617,89 @@ def test_interleaved_datasets_train_on_characters_and_codes(spoken_tok: SpeechTo
     other = interleaved_shards(tmp_path / "other", alphabet="abc")
     with pytest.raises(ValueError, match="character timings for 'abc'"):
         SFTDataset(other, spoken_tok)
+
+
+# --- phonemes in place of letters --------------------------------------------------------------------------
+
+
+def test_espeak_phonemizes_words_without_stress_marks() -> None:
+    assert word_phonemes("thought", "en-us") == ("T", "O:", "t")
+    assert word_phonemes("though", "en-us") == ("D", "oU")  # the spelling says little about the sound
+    assert word_phonemes("'", "en-us") == ()
+    with pytest.raises(ValueError, match="no voice 'xx-nowhere'"):
+        word_phonemes("hello", "xx-nowhere")
+
+
+def test_phoneme_symbols_are_one_distinct_character_each() -> None:
+    names = ["t", "aI", "dZ", "@", "T", "O:"]
+    symbols = phoneme_symbols(names)
+    assert set(symbols) == set(names) and len(set(symbols.values())) == len(names)
+    assert symbols["t"] == "t" and symbols["@"] == "@"  # one-character names stand for themselves
+    assert all(len(s) == 1 and s != " " for s in symbols.values())
+    assert phoneme_symbols(reversed(names)) == symbols  # the same inventory, the same symbols
+
+
+def test_phoneme_timings_spread_each_word_over_its_letters() -> None:
+    words = ["so", "thought"]  # letters "so thought": s o ' ' t h o u g h t
+    letter_starts = [0, 4, 10, 12, 14, 16, 18, 20, 22, 24]
+    units = spoken_phonemes(words, "en-us")
+    assert [u.name for u in units] == ["s", "oU", " ", "T", "O:", "t"]
+    starts = phoneme_starts(words, units, letter_starts, frames=30)
+    # "so": 2 letters, 2 phonemes -> its letters' starts; "thought": 7 letters, 3 phonemes -> positions
+    # 0, 7/3 and 14/3 of its letters, read off their starts (12 + ... by linear interpolation)
+    assert starts == [0, 4, 10, 12, 16, 21]
+    with pytest.raises(ValueError, match="3 letter timings"):
+        phoneme_starts(words, units, letter_starts[:3], 30)
+    crowded = [0, 1, 2, 3, 3, 3, 3, 3, 3, 3]  # collapsed alignment: starts are pushed apart, one frame each
+    assert phoneme_starts(words, units, crowded, frames=30) == [0, 1, 2, 3, 4, 5]
+    assert phoneme_starts(words, units, crowded, frames=5) is None  # 6 phonemes cannot fit in 5 codes
+
+
+def test_phoneme_tokenizer_says_phonemes_at_their_timings(tmp_path: Path) -> None:
+    texts = [t.lower() for t in SENTENCES]
+    symbols = phoneme_symbols(phoneme_inventory([*texts, "so thought"], "en-us"))
+    tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                spoken_alphabet=ALPHABET, phonemes=symbols, phoneme_voice="en-us")
+    text = "So, thought!"
+    ids = tok.spoken_char_ids(text)
+    said = ["s", "oU", " ", "T", "O:", "t"]
+    assert tok.decode_text(ids) == "".join(symbols.get(name, " ") for name in said)
+    letter_starts = [0, 4, 10, 12, 14, 16, 18, 20, 22, 24]
+    codes = np.arange(30) % CODEBOOK
+    starts = tok.spoken_timings(text, letter_starts, len(codes))
+    assert starts == [0, 4, 10, 12, 16, 21]
+    example = tts_sequence(tok, text, codes, char_starts=letter_starts)
+    speech, labels = interleaved_speech(tok, codes, ids, starts)
+    prompt = tts_prompt(tok, text)
+    assert example.input_ids.tolist() == [*prompt, *speech, tok.eos_id]
+    assert (example.labels == tok.advance_id).sum() == len(ids) == 6
+    assert tok.is_code(example.labels).sum() == len(codes)
+    with pytest.raises(ValueError, match="do not fit"):
+        tts_sequence(tok, text, codes[:5], char_starts=[0, 1, 2, 3, 3, 3, 3, 3, 3, 3])
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = SpeechTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.layout.phonemes == symbols and loaded.spoken_char_ids(text) == ids
+    without = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                    spoken_alphabet=ALPHABET, phoneme_voice="en-us",
+                                    phonemes={n: c for n, c in symbols.items() if n != "O:"})
+    assert len(without.spoken_char_ids(text)) == 5  # a phoneme without a symbol is left out, timing too
+    assert without.spoken_timings(text, letter_starts, len(codes)) == [0, 4, 10, 12, 21]
+    with pytest.raises(ValueError, match="need the spoken alphabet"):
+        SpeechTokenizer.build(train_text_tokenizer(SENTENCES, vocab_size=300), CODEBOOK, phonemes=symbols,
+                              phoneme_voice="en-us")
+
+
+def test_phoneme_datasets_train_on_phonemes_and_codes(tmp_path: Path) -> None:
+    shards = interleaved_shards(tmp_path)
+    symbols = phoneme_symbols(phoneme_inventory([t.lower() for t in SENTENCES], "en-us"))
+    tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                spoken_alphabet=ALPHABET, phonemes=symbols, phoneme_voice="en-us")
+    sft = SFTDataset(shards, tok, seed=0, max_len=4000)
+    assert len(sft) == len(shards)
+    item = sft[0]
+    target = shards[int(sft.targets[0])]
+    assert (item["labels"] == tok.advance_id).sum() == len(tok.spoken_char_ids(target.text))
+    assert len(tok.spoken_char_ids(target.text)) < len(target.char_starts)  # fewer phonemes than letters
+    assert tok.is_code(item["labels"]).sum() == len(target.codes)
+    row = next(iter(PretrainDataset(shards, tok, {"text_speech": 1.0}, seq_len=256, seed=0)))
+    assert (row["labels"] == tok.advance_id).any()

@@ -91,19 +91,21 @@ def test_tokenize_stores_word_timings_that_phrases_are_cut_at(shards: Path) -> N
 def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, tiny_corpus: Path,
                                                                shards: Path, tiny_voices: Path,
                                                                tmp_path: Path) -> None:
-    """speechlm.tokenizer.interleave=true (with a lookahead of 2 characters) end to end on the tiny corpus:
-    pretrain and SFT on characters interleaved with their codes, synth.py speaks through the codec, export
+    """speechlm.tokenizer.interleave=true, speaking phonemes (spoken=phonemes) with a lookahead of 2, end
+    to end on the tiny corpus: pretrain and SFT on phonemes interleaved with their codes at timings read off
+    the letters' alignment (unit tests cover letters), synth.py speaks through the codec, export
     passes its parity gate, the MAX engine streams what offline generation makes when fed the same
     characters, the HTTP server speaks and refuses a text with no letter, RLHF refuses the format by name,
     and text_use scores it."""
-    spoken = ("speechlm.tokenizer.interleave=true", "speechlm.tokenizer.lookahead=2")
+    spoken = ("speechlm.tokenizer.interleave=true", "speechlm.tokenizer.lookahead=2",
+              "speechlm.tokenizer.spoken=phonemes")
     train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
           f"speechlm.pretrain.max_steps={PRETRAIN_STEPS}", *spoken)
     pretrained = workspace / "runs/pretrain/spoken"
     tok = SpeechTokenizer.from_pretrained(pretrained / "hf")
     train_shards = CodeShards(shards / "train")
     assert tok.interleaved and tok.layout.spoken_alphabet == train_shards.meta["alphabet"]
-    assert tok.layout.lookahead == 2
+    assert tok.layout.lookahead == 2 and "aI" in tok.layout.phonemes and tok.layout.phoneme_voice == "en-us"
     m = metrics(pretrained)
     assert m["train/loss"] < m["train_loss_first"] - 0.3
     train(workspace, tiny_corpus, "sft", "run_name=spoken", "stage.pretrain_run=spoken", *spoken)
@@ -124,6 +126,7 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
     assert json.loads((artifact_dir / "parity.json").read_text())["passed"]
     backend = max_backend(artifact_dir)
     assert backend.tokenizer.layout.lookahead == 2
+    assert backend.tokenizer.layout.phonemes == tok.layout.phonemes
     sampling = SamplingConfig(do_sample=False, repetition_window=8)
     engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5), min_seconds=0),
                     sampling).start()

@@ -7,9 +7,9 @@ early in training (WER above 1 while the voice is right). Cheaper and more direc
 no codec, no ASR.
 
 An interleaved SpeechLM (voxlm.speechlm.sequences) hears the text twice: in the text span and as the
-characters in its speech. Each condition's text goes into both, the characters at the utterance's own timings
-(another transcript's characters cycled or cut to the utterance's count; no text: the space character at
-every timing), and the loss covers the codes and [speech_end], not <|advance|>.
+characters (or phonemes) in its speech. Each condition's text goes into both, the characters at the
+utterance's own timings (another transcript's characters cycled or cut to the utterance's count; no text: the
+space character at every timing), and the loss covers the codes and [speech_end], not <|advance|>.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from voxlm.data.shards import CodedUtterance, CodeShards
-from voxlm.speechlm.sequences import IGNORE, Example, interleaved_speech, tts_prompt, tts_sequence
+from voxlm.speechlm.sequences import IGNORE, Example, interleaved_speech, speakable, tts_prompt, tts_sequence
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 CONDITIONS = ("own", "other", "none")
@@ -48,7 +48,7 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
     """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
     with the transcript of the next one drawn."""
     rng = np.random.default_rng(seed)
-    usable = [i for i in range(len(shards)) if not tok.interleaved or "char_starts" in shards.rows[i]]
+    usable = [i for i in range(len(shards)) if not tok.interleaved or speakable(tok, shards[i])]
     picked = [usable[int(i)] for i in rng.permutation(len(usable))[: min(count, len(usable))]]
     if len(picked) < 2:
         raise ValueError(f"text_use needs at least 2 utterances to swap transcripts; the shards hold "
@@ -69,7 +69,7 @@ def speech_given_text(tok: SpeechTokenizer, text: str, utterance: CodedUtterance
     codes = np.asarray(utterance.codes)
     if not tok.interleaved:
         return tts_sequence(tok, text, codes)
-    starts = utterance.char_starts
+    starts = tok.spoken_timings(utterance.text, utterance.char_starts, len(codes))
     chars = tok.spoken_char_ids(text) or [tok.char_ids[" "]]
     chars = [chars[i % len(chars)] for i in range(len(starts))]
     prompt = tts_prompt(tok, text)

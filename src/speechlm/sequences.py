@@ -35,6 +35,9 @@ ahead, and <|advance|> itself stands in for the characters once all are given:
 
     lookahead 2               c1 c2 c3 codes(c1) c4 codes(c2) ... cn codes(c(n-2)) [advance] codes(c(n-1))
                               [advance] codes(cn) [speech_end]
+
+A tokenizer that speaks phonemes (voxlm.data.phonemes) puts the text's phonemes and word boundaries where the
+characters go, each at a timing read off its word's aligned letters (`tok.spoken_timings`).
 """
 
 from __future__ import annotations
@@ -105,12 +108,16 @@ def generation_start(tok: SpeechTokenizer, prompt: np.ndarray,
 def tts_sequence(tok: SpeechTokenizer, text: str, codes: np.ndarray, prompt_text: str | None = None,
                  prompt_codes: np.ndarray | None = None, char_starts: Sequence[int] | None = None) -> Example:
     """The tts format for `text` spoken as `codes`, optionally after a voice prompt; loss on target speech.
-    The interleaved format needs the text's `char_starts` in the codes."""
+    The interleaved format needs the text's `char_starts` in the codes (its letters', as the shards hold
+    them; `tok.spoken_timings` turns them into its phonemes' where it speaks phonemes)."""
     prompt = tts_prompt(tok, text, prompt_text, prompt_codes)
     if tok.interleaved:
         if char_starts is None:
             raise ValueError("the interleaved format needs the character timings of the speech (char_starts)")
-        target, target_labels = interleaved_speech(tok, codes, tok.spoken_char_ids(text), char_starts)
+        starts = tok.spoken_timings(text, char_starts, len(codes))
+        if starts is None:
+            raise ValueError(f"the phonemes of {text!r} do not fit its {len(codes)} codes")
+        target, target_labels = interleaved_speech(tok, codes, tok.spoken_char_ids(text), starts)
     else:
         target = target_labels = _ids(tok.code_to_token(np.asarray(codes)), [tok.speech_end_id])
     input_ids = _ids(prompt, target, [tok.eos_id])
@@ -139,6 +146,13 @@ def interleaved_speech(tok: SpeechTokenizer, codes: np.ndarray, char_ids: Sequen
         ids += code_ids[start:end].tolist()
         labels += code_ids[start:end].tolist()
     return _ids(ids, [tok.speech_end_id]), _ids(labels, [tok.speech_end_id])
+
+
+def speakable(tok: SpeechTokenizer, utterance: CodedUtterance) -> bool:
+    """Whether the interleaved format can say the utterance: the aligner read it (it has character timings)
+    and what the tokenizer says of its text fits its codes."""
+    return utterance.char_starts is not None and tok.spoken_timings(
+        utterance.text, utterance.char_starts, len(utterance.codes)) is not None
 
 
 def phrase_example(tok: SpeechTokenizer, utterance: CodedUtterance, words: int,
@@ -284,7 +298,7 @@ class PretrainDataset(IterableDataset):
             elif source == "phrase":
                 words = int(rng.integers(self.phrase_words[0], self.phrase_words[1] + 1))
                 yield phrase_example(self.tok, utterance, words, rng)
-            elif self.tok.interleaved and utterance.char_starts is None:  # the aligner could not read it
+            elif self.tok.interleaved and not speakable(self.tok, utterance):
                 yield continuation_example(self.tok, utterance.codes)
             else:
                 yield tts_sequence(self.tok, utterance.text, utterance.codes,
@@ -317,10 +331,11 @@ class SFTDataset(Dataset):
         if tok.interleaved:
             check_alphabet(shards, tok)
             # Each spoken character adds a token; a voice prompt is its codes between 2 markers, no text.
-            chars = np.array([len(row.get("char_starts") or []) for row in shards.rows], np.int64)
+            usable = np.array([speakable(tok, shards[i]) for i in range(len(shards))])
+            chars = np.array([len(tok.spoken_char_ids(text)) if ok else 0
+                              for text, ok in zip(texts, usable, strict=True)], np.int64)
             self.own_len = self.text_len + self.frames + chars + 6
             self.prompt_len = self.frames + 2
-            usable = chars > 0
         else:
             # 6 markers (bos, text_start/end, speech_start/end, eos) + 1 for the space that joins a prompt's
             # transcript; a joined text that still comes out longer drops its prompt in __getitem__.
@@ -329,7 +344,8 @@ class SFTDataset(Dataset):
             usable = np.ones(len(shards), bool)
         self.targets = np.flatnonzero((self.own_len <= self.max_len) & usable)
         if (~usable).any():
-            log.warning("SFT: %d of %d utterances have no character timings and are skipped",
+            log.warning("SFT: %d of %d utterances have no character timings (or more phonemes than codes) "
+                        "and are skipped",
                         int((~usable).sum()), len(shards))
         if (self.own_len > self.max_len).any():
             log.warning("SFT: %d of %d utterances exceed max_len=%s and are skipped",

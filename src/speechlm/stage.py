@@ -42,11 +42,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
+from voxlm.codec.losses import spoken_characters
+from voxlm.data.phonemes import phoneme_inventory, phoneme_symbols
 from voxlm.data.shards import CodeShards
 from voxlm.runs import find_run, write_metrics
 from voxlm.speechlm.model import build_model
 from voxlm.speechlm.module import SpeechLMModule, hf_config_dict
-from voxlm.speechlm.sequences import PretrainDataset, SFTDataset, pack, pad_collate, tts_sequence
+from voxlm.speechlm.sequences import PretrainDataset, SFTDataset, pack, pad_collate, speakable, tts_sequence
 from voxlm.speechlm.tokenizer import (
     LAYOUT_FILE,
     SpeechTokenizer,
@@ -160,8 +162,19 @@ def pretrain_tokenizer(tok_cfg: DictConfig, shards: CodeShards, folder: Path,
                         f"speechlm.tokenizer.interleave needs character timings, and the code shards in "
                         f"{shards.split_dir} have none: re-run `python train.py stage=tokenize` with a codec "
                         "trained with its CTC head (loss weight ctc > 0)")
+            phonemes, voice = None, tok_cfg.get("phoneme_voice")
+            spoken = tok_cfg.get("spoken", "letters")
+            if spoken not in ("letters", "phonemes") or (spoken == "phonemes" and not alphabet):
+                raise ValueError(f"speechlm.tokenizer.spoken is letters or phonemes, got {spoken!r}; "
+                                 "phonemes are said in the interleaved format "
+                                 "(speechlm.tokenizer.interleave=true)")
+            if spoken == "phonemes":
+                words = [spoken_characters(row["text"], alphabet) for row in shards.rows]
+                phonemes = phoneme_symbols(phoneme_inventory(words, voice))
+                log.info("phonemes: %d in the train transcripts (espeak-ng voice %s)", len(phonemes), voice)
             tok = SpeechTokenizer.build(text_tokenizer, shards.codebook_size, spoken_alphabet=alphabet,
-                                        lookahead=int(tok_cfg.get("lookahead", 0)))
+                                        lookahead=int(tok_cfg.get("lookahead", 0)), phonemes=phonemes,
+                                        phoneme_voice=voice if phonemes else None)
             save_atomically(tok.save_pretrained, folder)
             log.info("tokenizer written to %s", folder)
         else:
@@ -237,7 +250,7 @@ def val_rows(shards: CodeShards, tok: SpeechTokenizer, seq_len: int) -> list[dic
     format, every utterance with character timings)."""
     utterances = (shards[i] for i in range(len(shards)))
     examples = (tts_sequence(tok, u.text, u.codes, char_starts=u.char_starts) for u in utterances
-                if not tok.interleaved or u.char_starts is not None)
+                if not tok.interleaved or speakable(tok, u))
     return [{name: torch.from_numpy(value) for name, value in row.items()}
             for row in pack(examples, seq_len, tok.pad_id)]
 

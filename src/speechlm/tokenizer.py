@@ -15,11 +15,18 @@ the text that is spoken (`spoken_char_ids`) goes into the speech before its code
 token for that character, and <|advance|> is what the model predicts to move on to the next character. Its
 `lookahead` is how many characters the model is given beyond the one it is saying (English spelling needs
 the next few: "th", a silent "e"). Layouts saved before <|advance|> or the lookahead existed load unchanged.
+
+A layout with `phonemes` (speechlm.tokenizer.spoken=phonemes) speaks the text's phonemes instead of its
+letters: espeak-ng's phonemes of each word (voxlm.data.phonemes), each as one character of the text tokenizer
+(`phonemes` maps espeak's names to those characters, for the inventory of the corpus it was built on), and a
+space between words. Its `spoken_alphabet` is still the letters the code shards' timings count in; a
+phoneme's timing is read off its word's letters (`spoken_timings`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +38,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from voxlm.codec.losses import spoken_characters
+from voxlm.data.phonemes import WORD_BOUNDARY, SpokenPhoneme, phoneme_starts, spoken_phonemes
+
+log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "speech_layout.json"
 LAYOUT_VERSION = 1
@@ -90,6 +100,8 @@ class VocabLayout:
     version: int = LAYOUT_VERSION
     spoken_alphabet: str | None = None  # the interleaved format's characters (None: the plain format)
     lookahead: int = 0                  # interleaved: characters fed beyond the one being said
+    phonemes: dict[str, str] | None = None  # interleaved, spoken=phonemes: espeak name -> the character said
+    phoneme_voice: str | None = None        # the espeak-ng voice that phonemizes the text
 
     @property
     def vocab_size(self) -> int:
@@ -121,7 +133,7 @@ class SpeechTokenizer:
         self.voice_start_id: int = ids["voice_start"]
         self.voice_end_id: int = ids["voice_end"]
         self.advance_id: int | None = ids.get("advance")
-        self.char_ids = self._char_ids(layout.spoken_alphabet) if layout.spoken_alphabet else {}
+        self.char_ids = self._char_ids(self.spoken_symbols) if layout.spoken_alphabet else {}
         if layout.lookahead < 0 or (layout.lookahead and not layout.spoken_alphabet):
             raise ValueError(f"lookahead {layout.lookahead}: it counts characters of the interleaved format, "
                              "so it must be >= 0, and 0 without a spoken alphabet (set "
@@ -140,15 +152,45 @@ class SpeechTokenizer:
         return char_ids
 
     @property
+    def spoken_symbols(self) -> str:
+        """The characters the interleaved format says: the letters, or the phonemes' symbols and a space."""
+        if self.layout.phonemes:
+            return "".join(sorted({WORD_BOUNDARY, *self.layout.phonemes.values()}))
+        return self.layout.spoken_alphabet or ""
+
+    @property
     def interleaved(self) -> bool:
         """True when the model speaks each character of the text before its codes (see the module doc)."""
         return bool(self.char_ids)
 
     def spoken_char_ids(self, text: str) -> list[int]:
-        """The token ids of the characters of `text` that are spoken, in order (interleaved format only)."""
+        """The token ids of what the interleaved format says of `text`, in order: its letters (those in the
+        spoken alphabet), or its phonemes and word boundaries."""
         if not self.interleaved:
             raise ValueError("this tokenizer is for the plain format: it has no spoken alphabet")
+        if self.layout.phonemes:
+            symbols = self.layout.phonemes | {WORD_BOUNDARY: WORD_BOUNDARY}
+            return [self.char_ids[symbols[unit.name]] for unit in self._phonemes(text)[1]]
         return [self.char_ids[char] for char in spoken_characters(text, self.layout.spoken_alphabet)]
+
+    def spoken_timings(self, text: str, letter_starts: Sequence[int], frames: int) -> list[int] | None:
+        """Where each of `spoken_char_ids(text)` starts in `frames` codes, given where the text's letters
+        start (the code shards' `char_starts`); None when they do not fit."""
+        if not self.layout.phonemes:
+            return list(letter_starts)
+        words, units = self._phonemes(text)
+        return phoneme_starts(words, units, letter_starts, frames)
+
+    def _phonemes(self, text: str) -> tuple[list[str], list[SpokenPhoneme]]:
+        """The text's spoken words and what is said of them; a phoneme the layout has no symbol for (rare
+        in the corpus it was built on) is left out, so ids and timings always agree."""
+        words = spoken_characters(text, self.layout.spoken_alphabet).split()
+        units = spoken_phonemes(words, self.layout.phoneme_voice)
+        known = [unit for unit in units if unit.name == WORD_BOUNDARY or unit.name in self.layout.phonemes]
+        if len(known) < len(units):
+            log.debug("no symbol for the phonemes %s of %r: left out",
+                      sorted({u.name for u in units} - {u.name for u in known}), text)
+        return words, known
 
     def spoken_feeds(self, char_ids: Sequence[int]) -> tuple[list[int], list[int]]:
         """What the interleaved format feeds of a text's spoken characters `char_ids` (n of them): (the
@@ -165,10 +207,16 @@ class SpeechTokenizer:
 
     @classmethod
     def build(cls, text_tokenizer: PreTrainedTokenizerFast, codebook_size: int,
-              spoken_alphabet: str | None = None, lookahead: int = 0) -> SpeechTokenizer:
+              spoken_alphabet: str | None = None, lookahead: int = 0,
+              phonemes: dict[str, str] | None = None, phoneme_voice: str | None = None) -> SpeechTokenizer:
         """Extend a text tokenizer (modified in place) with the control tokens and `codebook_size` codes; a
         `spoken_alphabet` (the codec's CTC alphabet, which the code shards' character timings count in)
-        makes it a tokenizer for the interleaved format, given `lookahead` characters ahead."""
+        makes it a tokenizer for the interleaved format, given `lookahead` characters ahead, speaking the
+        letters, or the `phonemes` (espeak name -> symbol, voxlm.data.phonemes.phoneme_symbols) that
+        espeak-ng's `phoneme_voice` says."""
+        if phonemes is not None and not (spoken_alphabet and phoneme_voice):
+            raise ValueError("phonemes are said in the interleaved format: they need the spoken alphabet "
+                             "their timings are read from, and an espeak-ng voice")
         if codebook_size < 1:
             raise ValueError(f"codebook_size must be positive, got {codebook_size}")
         tok = text_tokenizer
@@ -187,7 +235,8 @@ class SpeechTokenizer:
         special_ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
         special_ids |= {name: tok.convert_tokens_to_ids(t) for name, t in CONTROL_TOKENS.items()}
         return cls(tok, VocabLayout(text_vocab_size, code_offset, codebook_size, special_ids,
-                                    spoken_alphabet=spoken_alphabet, lookahead=lookahead))
+                                    spoken_alphabet=spoken_alphabet, lookahead=lookahead,
+                                    phonemes=phonemes, phoneme_voice=phoneme_voice))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, codebook_size: int | None = None) -> SpeechTokenizer:
