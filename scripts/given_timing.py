@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
             text = normalize_text(case.text)
             truth = encode_audio(codec, case.audio)
             _, letter_starts = transcript_timings(head, codec.quantizer, truth, text)
-            starts = None if letter_starts is None else tok.spoken_timings(text, letter_starts, len(truth))
+            starts = tok.spoken_timings(text, letter_starts, len(truth))
             if starts is None:
                 log.warning("%s: the CTC head cannot align '%s' to its recording; left out", case.id, text)
                 continue

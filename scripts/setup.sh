@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts  # speech sources
+  espeak-ng libespeak-ng1 flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts  # speech sources
   sox fortunes bible-kjv bible-kjv-text                                            # audio tools, text
   pocketsphinx-testdata                                                            # real LibriVox clips
   chromium chromium-driver                                                         # the web page's test

@@ -21,7 +21,14 @@ import torch
 from transformers import PreTrainedModel
 
 from voxlm.data.shards import CodedUtterance, CodeShards
-from voxlm.speechlm.sequences import IGNORE, Example, interleaved_speech, speakable, tts_prompt, tts_sequence
+from voxlm.speechlm.sequences import (
+    IGNORE,
+    Example,
+    interleaved_speech,
+    speakable_rows,
+    tts_prompt,
+    tts_sequence,
+)
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 CONDITIONS = ("own", "other", "none")
@@ -48,7 +55,8 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
     """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
     with the transcript of the next one drawn."""
     rng = np.random.default_rng(seed)
-    usable = [i for i in range(len(shards)) if not tok.interleaved or speakable(tok, shards[i])]
+    usable = np.flatnonzero(speakable_rows(tok, shards) if tok.interleaved else np.ones(len(shards), bool))
+    usable = usable.tolist()
     picked = [usable[int(i)] for i in rng.permutation(len(usable))[: min(count, len(usable))]]
     if len(picked) < 2:
         raise ValueError(f"text_use needs at least 2 utterances to swap transcripts; the shards hold "

@@ -148,11 +148,11 @@ def interleaved_speech(tok: SpeechTokenizer, codes: np.ndarray, char_ids: Sequen
     return _ids(ids, [tok.speech_end_id]), _ids(labels, [tok.speech_end_id])
 
 
-def speakable(tok: SpeechTokenizer, utterance: CodedUtterance) -> bool:
-    """Whether the interleaved format can say the utterance: the aligner read it (it has character timings)
-    and what the tokenizer says of its text fits its codes."""
-    return utterance.char_starts is not None and tok.spoken_timings(
-        utterance.text, utterance.char_starts, len(utterance.codes)) is not None
+def speakable_rows(tok: SpeechTokenizer, shards: CodeShards) -> np.ndarray:
+    """bool [len(shards)]: which utterances the interleaved format can say (the aligner read them and what
+    the tokenizer says of their text fits their codes), from the shards' rows alone."""
+    return np.array([tok.spoken_timings(row["text"], row.get("char_starts"), row["length"]) is not None
+                     for row in shards.rows], bool)
 
 
 def phrase_example(tok: SpeechTokenizer, utterance: CodedUtterance, words: int,
@@ -284,6 +284,7 @@ class PretrainDataset(IterableDataset):
         self.shards, self.tok, self.seq_len, self.seed = shards, tok, seq_len, seed
         self.weights = dict(weights)
         self.texts = list(texts) if texts is not None else [row["text"] for row in shards.rows]
+        self.speakable = speakable_rows(tok, shards) if tok.interleaved else None
 
     def examples(self, seed: Sequence[int]) -> Iterator[Example]:
         sources = MixtureSampler(self.weights, list(seed))
@@ -292,13 +293,14 @@ class PretrainDataset(IterableDataset):
             if source == "text":
                 yield text_example(self.tok, self.texts[rng.integers(len(self.texts))])
                 continue
-            utterance = self.shards[int(rng.integers(len(self.shards)))]
+            index = int(rng.integers(len(self.shards)))
+            utterance = self.shards[index]
             if source == "continuation":
                 yield continuation_example(self.tok, utterance.codes)
             elif source == "phrase":
                 words = int(rng.integers(self.phrase_words[0], self.phrase_words[1] + 1))
                 yield phrase_example(self.tok, utterance, words, rng)
-            elif self.tok.interleaved and not speakable(self.tok, utterance):
+            elif self.tok.interleaved and not self.speakable[index]:
                 yield continuation_example(self.tok, utterance.codes)
             else:
                 yield tts_sequence(self.tok, utterance.text, utterance.codes,
@@ -331,9 +333,10 @@ class SFTDataset(Dataset):
         if tok.interleaved:
             check_alphabet(shards, tok)
             # Each spoken character adds a token; a voice prompt is its codes between 2 markers, no text.
-            usable = np.array([speakable(tok, shards[i]) for i in range(len(shards))])
-            chars = np.array([len(tok.spoken_char_ids(text)) if ok else 0
-                              for text, ok in zip(texts, usable, strict=True)], np.int64)
+            timings = [tok.spoken_timings(row["text"], row.get("char_starts"), row["length"])
+                       for row in shards.rows]
+            usable = np.array([starts is not None for starts in timings], bool)
+            chars = np.array([len(starts or []) for starts in timings], np.int64)
             self.own_len = self.text_len + self.frames + chars + 6
             self.prompt_len = self.frames + 2
         else:

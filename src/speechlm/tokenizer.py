@@ -173,9 +173,13 @@ class SpeechTokenizer:
             return [self.char_ids[symbols[unit.name]] for unit in self._phonemes(text)[1]]
         return [self.char_ids[char] for char in spoken_characters(text, self.layout.spoken_alphabet)]
 
-    def spoken_timings(self, text: str, letter_starts: Sequence[int], frames: int) -> list[int] | None:
+    def spoken_timings(self, text: str, letter_starts: Sequence[int] | None,
+                       frames: int) -> list[int] | None:
         """Where each of `spoken_char_ids(text)` starts in `frames` codes, given where the text's letters
-        start (the code shards' `char_starts`); None when they do not fit."""
+        start (the code shards' `char_starts`); None when the aligner could not read the text (no letter
+        starts) or its phonemes do not fit."""
+        if letter_starts is None:
+            return None
         if not self.layout.phonemes:
             return list(letter_starts)
         words, units = self._phonemes(text)
