@@ -31,10 +31,11 @@ from voxlm.speechlm.generate import (
     filter_top_p,
     frame_limit,
     generate_codes,
+    guide,
     stream_codes,
 )
 from voxlm.speechlm.model import build_model
-from voxlm.speechlm.sequences import tts_prompt
+from voxlm.speechlm.sequences import generation_start, tts_prompt, unconditional_prompt
 from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
 from voxlm.speechlm.voices import Voice, encode_voice, list_voices, load_voice, save_voice
 
@@ -152,6 +153,85 @@ def test_logit_filters() -> None:
     recent = torch.tensor([[0, 2, -1, 2]])  # -1: no code there yet
     penalized = apply_repetition_penalty(torch.tensor([[2.0, 1.0, -1.0, 3.0]]), recent, 2.0)
     assert penalized.tolist() == [[1.0, 1.0, -2.0, 3.0]]
+
+
+def test_guidance_reweights_the_codes_by_what_the_text_adds(tok: SpeechTokenizer) -> None:
+    """p(code) ~ p(code | text) * (p(code | text) / p(code | no text)) ** (scale - 1) over the codes; the
+    odds of a code against [speech_end] stay the conditional model's."""
+    allowed = allowed_tokens(tok, len(tok))[None]
+    torch.manual_seed(0)
+    with_text, without_text = torch.randn(1, len(tok)) * 3, torch.randn(1, len(tok)) * 3
+    codes = slice(tok.code_offset, len(tok))
+    guided = guide(with_text, without_text, allowed, tok, 3.0)
+    conditional = with_text.masked_fill(~allowed, -math.inf).log_softmax(-1)
+    assert torch.isclose(guided.logsumexp(-1), torch.zeros(1), atol=1e-5).all()
+    assert torch.isclose(guided[0, tok.speech_end_id], conditional[0, tok.speech_end_id])
+    assert torch.isinf(guided[~allowed]).all()
+    steered = conditional[0, codes] + 2.0 * (conditional[0, codes] - without_text[0, codes].log_softmax(-1))
+    expected = steered.softmax(-1) * conditional[0, codes].exp().sum()
+    assert torch.allclose(guided[0, codes].exp(), expected, atol=1e-6)
+    # Where the text changes nothing, nothing changes.
+    assert torch.allclose(guide(with_text, with_text, allowed, tok, 3.0), conditional, atol=1e-5)
+    assert torch.allclose(guide(with_text, without_text, allowed, tok, 1.0), conditional, atol=1e-5)
+    with pytest.raises(ValueError, match="bad sampling"):
+        SamplingConfig(cfg_scale=0.5)
+
+
+def reference_guided(model: LlamaForCausalLM, tok: SpeechTokenizer, prompt: np.ndarray, scale: float,
+                     steps: int, spoken: list[int] | None = None) -> tuple[list[int], int]:
+    """Guided greedy decoding from two full forwards per step, no cache: the prompt (with its characters,
+    fed at each <|advance|>) and the same codes after [bos] [speech_start] and the voice prompt's codes.
+    Returns the codes and how many characters were fed after the first."""
+    start, feeds = generation_start(tok, prompt, spoken)
+    conditional, unconditional = list(start), list(unconditional_prompt(tok, prompt))
+    allowed = allowed_tokens(tok, model.config.vocab_size)
+    codes: list[int] = []
+    advances = 0
+    with torch.no_grad():
+        while len(codes) < steps:
+            if tok.interleaved:
+                allowed[tok.advance_id], allowed[tok.speech_end_id] = bool(feeds), not feeds
+            logits = [model(input_ids=torch.tensor([ids])).logits[:, -1]
+                      for ids in (conditional, unconditional)]
+            token = int(guide(*logits, allowed[None], tok, scale).argmax())
+            if token == tok.speech_end_id:
+                break
+            if token == getattr(tok, "advance_id", None):
+                conditional.append(feeds.pop(0))
+                advances += 1
+                continue
+            codes.append(token - tok.code_offset)
+            conditional.append(token)
+            unconditional.append(token)
+    return codes, advances
+
+
+def test_guided_generation_equals_two_full_recomputes(tok: SpeechTokenizer,
+                                                      random_lm: LlamaForCausalLM) -> None:
+    """The unconditional rows share the batch (left padding, cache) with their prompts, hear every code and
+    no character: plain rows of different lengths, and interleaved rows that advance."""
+    guided = SamplingConfig(do_sample=False, cfg_scale=2.5)
+    rows = prompts(tok)
+    generated = generate_codes(random_lm, tok, rows, 12, guided)
+    for row, codes in zip(rows, generated.codes, strict=True):
+        assert codes.tolist() == reference_guided(random_lm, tok, row, 2.5, 12)[0]
+    unguided = generate_codes(random_lm, tok, rows[:1], 12, GREEDY)
+    assert generated.codes[0].tolist() != unguided.codes[0].tolist()
+
+    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
+    model = tiny_lm(spoken_tok, initializer_range=0.2)
+    with torch.no_grad():  # <|advance|> made likely enough that rows move on now and then
+        codes_mean = model.lm_head.weight[spoken_tok.code_offset:].mean(0)
+        model.lm_head.weight[spoken_tok.advance_id] = codes_mean * 40
+    texts = ["Hi there.", "A stitch in time saves nine."]
+    rows = [tts_prompt(spoken_tok, text, None if i else "x", None if i else np.arange(5))
+            for i, text in enumerate(texts)]
+    spoken = [spoken_tok.spoken_char_ids(text) for text in texts]
+    generated = generate_codes(model, spoken_tok, rows, 20, guided, spoken=spoken)
+    for row, chars, codes in zip(rows, spoken, generated.codes, strict=True):
+        expected, advances = reference_guided(model, spoken_tok, row, 2.5, 20, chars)
+        assert codes.tolist() == expected and advances > 1
 
 
 def test_frame_limit_grows_with_text() -> None:
@@ -339,6 +419,8 @@ def test_given_timings_feed_each_character_at_its_frame(tok: SpeechTokenizer) ->
         codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 2], 2, GREEDY)
     with pytest.raises(ValueError, match="for interleaved SpeechLMs"):
         codes_at_timings(model, tok, tts_prompt(tok, "hi"), [h, i], [0, 2], 4, GREEDY)
+    with pytest.raises(ValueError, match="without classifier-free guidance"):
+        codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 2], 4, SamplingConfig(cfg_scale=2.0))
 
 
 # --- voices ------------------------------------------------------------------------------------------------
@@ -420,6 +502,11 @@ def test_synthesize_stream_equals_offline(checkpoints: Path, reference_wav: Path
     assert len(streamed.audio) == len(offline.audio) == len(offline.codes) * 160
     np.testing.assert_allclose(streamed.audio, offline.audio, atol=1e-5)
     assert streamed.first_audio_seconds is not None and offline.first_audio_seconds is None
+    # Guidance is a setting of the same command: the same seed, other codes, streamed as offline.
+    guided = [synth.synthesize(synth.compose_config(synth_overrides(
+        checkpoints, reference_wav, stream=stream, **{"sampling.cfg_scale": "3.0"})))
+        for stream in ("false", "true")]
+    assert torch.equal(guided[0].codes, guided[1].codes) and not torch.equal(guided[0].codes, offline.codes)
 
 
 def test_synthesize_errors(checkpoints: Path, reference_wav: Path, tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ def codes_at_timings(model: PreTrainedModel, tok: SpeechTokenizer, prompt: np.nd
     The repetition penalty's window counts codes, as `stream_codes`' does when no character is fed."""
     if not tok.interleaved:
         raise ValueError("given timings are for interleaved SpeechLMs: a plain one has no character to feed")
+    if sampling.cfg_scale != 1.0:
+        raise ValueError("given timings sample without classifier-free guidance: set cfg_scale 1.0")
     if not char_ids or len(char_ids) != len(char_starts) or list(char_starts) != sorted(char_starts) \
             or char_starts[0] != 0:
         raise ValueError(f"need one start per character, ascending from 0; got {len(char_ids)} characters "

@@ -162,6 +162,10 @@ class Engine:
                  metrics: Any | None = None) -> None:
         if sampling.repetition_window is None:
             raise ValueError("serving needs a finite sampling.repetition_window (codes back)")
+        if sampling.cfg_scale != 1.0:
+            raise ValueError(f"sampling.cfg_scale={sampling.cfg_scale}: the server does not run "
+                             "classifier-free guidance (its batches hold no textless rows); serve with "
+                             "cfg_scale 1.0, or use synth.py for guided speech")
         self.backend = backend
         self.config = config
         self.sampling = sampling

@@ -13,7 +13,10 @@ still being sampled, and because the SpeechLM's rules are its own:
 - in the interleaved format (voxlm.speechlm.sequences) each row's spoken characters (`spoken`) are fed in
   order (`tok.spoken_feeds`): the first (with the lookahead's) after the prompt, the next each time the
   model says <|advance|>, which it may only say while a character's codes are still to come; [speech_end]
-  only after the last one. Only codes are yielded.
+  only after the last one;
+- with classifier-free guidance (`cfg_scale` > 1, `guide`) each row has a twin in the batch that reads the
+  same codes without the text, and the codes are drawn from the two rows' distributions combined.
+Only codes are yielded.
 
 Greedy decoding (do_sample false or temperature 0; repetition_penalty 1) is the argmax path of a plain
 full-recompute forward, which the tests check; sampling is reproducible from `seed` (a torch.Generator).
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from voxlm.speechlm.sequences import generation_start
+from voxlm.speechlm.sequences import generation_start, unconditional_prompt
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 Prompt = Sequence[int] | np.ndarray | Tensor
@@ -48,9 +51,11 @@ class SamplingConfig:
     repetition_penalty: float = 1.0   # CTRL-style, on codes among the last `repetition_window` generated
     repetition_window: int | None = None  # None: every code generated so far; 0: none
     seed: int | None = None           # None: torch's global generator
+    cfg_scale: float = 1.0            # classifier-free guidance on the text (`guide`); 1: off
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+        if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0
+                or self.cfg_scale < 1):
             raise ValueError(f"bad sampling settings: {self}")
 
     @property
@@ -127,6 +132,25 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
     return torch.full_like(logits, -math.inf).scatter(-1, order, ordered)
 
 
+def guide(logits: Tensor, unconditional: Tensor, allowed: Tensor, tok: SpeechTokenizer,
+          scale: float) -> Tensor:
+    """Classifier-free guidance on the text (Ho & Salimans 2022; Koel-TTS for speech LMs): logits [B, V] given
+    the text and `unconditional` [B, V] given the same speech without it -> log-probabilities [B, V] in which
+
+        p(code) ~ p(code | text) * (p(code | text) / p(code | no text)) ** (scale - 1)
+
+    over the code block. The codes that the text makes likelier gain, the ones any speech of this voice would
+    say lose. The model's own odds of a code against [speech_end] or <|advance|> are kept: a stream without
+    the text cannot say where the text ends."""
+    log_probs = logits.masked_fill(~allowed, -math.inf).log_softmax(dim=-1)
+    codes = slice(tok.code_offset, tok.vocab_size)
+    with_text = log_probs[:, codes]
+    without_text = unconditional[:, codes].log_softmax(dim=-1)
+    steered = (with_text + (scale - 1) * (with_text - without_text)).log_softmax(dim=-1)
+    log_probs[:, codes] = steered + with_text.logsumexp(dim=-1, keepdim=True)
+    return log_probs
+
+
 def next_tokens(logits: Tensor, allowed: Tensor, recent: Tensor, cfg: SamplingConfig,
                 generator: torch.Generator | None) -> Tensor:
     """logits [B, V] (float32) -> the next token id of each row, [B]."""
@@ -181,7 +205,8 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     a small first chunk for a short time to first audio, then larger ones. A chunk also comes when the last
     row stops. max_frames: one limit for all rows or one per row (see `frame_limit`). spoken: each row's
     `tok.spoken_char_ids(text)`, for an interleaved tokenizer only. The model should be in eval mode; it is
-    run as given.
+    run as given. With `sampling.cfg_scale` > 1 each prompt gets a second row, its speech without the text
+    (`unconditional_prompt`), which is fed the same codes, and the codes are drawn from `guide`.
     """
     if not chunk_frames or min(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be positive sizes, got {list(chunk_frames)}")
@@ -189,6 +214,8 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         raise ValueError("an interleaved SpeechLM needs each row's spoken characters (spoken=), and only it"
                          if tok.interleaved else "spoken= is for interleaved SpeechLMs; this one is plain")
     device = model.device
+    batch, guided = len(prompts), sampling.cfg_scale != 1.0
+    unconditional = [unconditional_prompt(tok, np.asarray(p)) for p in prompts] if guided else []
     feeds = None
     if spoken is not None:  # the first character(s) follow the prompt; the rest wait for <|advance|>
         if len(spoken) != len(prompts) or not all(len(row) for row in spoken):
@@ -197,11 +224,10 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         prompts, laters = zip(*(generation_start(tok, np.asarray(p), row)
                                 for p, row in zip(prompts, spoken, strict=True)), strict=True)
         feeds = _right_pad(laters)
-    ids, mask = left_pad(prompts, tok.pad_id)
+    ids, mask = left_pad([*prompts, *unconditional], tok.pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    batch = len(ids)
     num_feeds = (feeds >= 0).sum(1) if feeds is not None else torch.zeros(batch, dtype=torch.long)
-    limits = _frame_limits(max_frames, mask.sum(1).cpu() + num_feeds,
+    limits = _frame_limits(max_frames, mask[:batch].sum(1).cpu() + num_feeds,
                            getattr(model.config, "max_position_embeddings", None)).to(device)
     max_steps = int((limits + num_feeds.to(device)).max())
     generator = None
@@ -213,6 +239,7 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)[None].repeat(batch, 1)
+    unguided = out.logits[batch:, -1].float()  # the unconditional rows' latest logits (guided only)
     if feeds is not None:
         feeds, num_feeds = feeds.to(device), num_feeds.to(device)
         next_feed = torch.zeros(batch, dtype=torch.long, device=device)  # index into each row's feeds
@@ -229,7 +256,10 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         if feeds is not None:
             more = next_feed < num_feeds
             allowed[:, tok.advance_id], allowed[:, tok.speech_end_id] = more, ~more
-        token = next_tokens(out.logits[:, -1].float(), allowed, recent, sampling, generator)
+        logits = out.logits[:batch, -1].float()
+        if guided:
+            logits = guide(logits, unguided, allowed, tok, sampling.cfg_scale)
+        token = next_tokens(logits, allowed, recent, sampling, generator)
         is_code = active & tok.is_code(token)
         advancing = active & (token == tok.advance_id) if feeds is not None else torch.zeros_like(active)
         history[:, step] = torch.where(is_code, token, -1)
@@ -245,16 +275,21 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
             chunk_start, chunk_index = step + 1, chunk_index + 1
         if done:
             return
-        # Stopped rows are fed padding that nothing attends to; their outputs are ignored from now on.
-        mask = torch.cat([mask, active[:, None].long()], dim=1)
+        # Stopped rows are fed padding that nothing attends to; their outputs are ignored from now on. So are
+        # the unconditional rows' while their conditional row is given a character: they only hear codes.
+        feeding = torch.cat([active, active & is_code]) if guided else active
+        mask = torch.cat([mask, feeding[:, None].long()], dim=1)
+        sampled = token
         if feeds is not None:  # <|advance|> is said, the next character (or <|advance|> itself) is fed
             upcoming = feeds.gather(1, next_feed.clamp(max=max(feeds.shape[1] - 1, 0))[:, None])[:, 0]
             token = torch.where(advancing, upcoming, token)
             next_feed += advancing.long()
-        fed = torch.where(active, token, tok.pad_id)[:, None]
+        fed = torch.where(feeding, torch.cat([token, sampled]) if guided else token, tok.pad_id)[:, None]
         out = model(input_ids=fed, attention_mask=mask, position_ids=next_position[:, None],
                     cache=out.cache, use_cache=True, logits_to_keep=1)
-        next_position = next_position + active.long()
+        next_position = next_position + feeding.long()
+        if guided:
+            unguided = torch.where(feeding[batch:, None], out.logits[batch:, -1].float(), unguided)
 
 
 def _right_pad(rows: Sequence[Sequence[int]]) -> Tensor:

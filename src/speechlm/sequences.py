@@ -179,6 +179,14 @@ def continuation_example(tok: SpeechTokenizer, codes: np.ndarray) -> Example:
     return Example(input_ids, labels)
 
 
+def unconditional_prompt(tok: SpeechTokenizer, prompt: np.ndarray) -> np.ndarray:
+    """The continuation format's start for a tts_prompt: [bos] [speech_start] and the prompt's voice codes,
+    without any text. What the model would say here is what classifier-free guidance steers away from
+    (voxlm.speechlm.generate); pretraining's continuation source is where the model learned it."""
+    prompt = np.asarray(prompt)
+    return _ids([tok.bos_id, tok.speech_start_id], prompt[tok.is_code(prompt)])
+
+
 def text_example(tok: SpeechTokenizer, text: str) -> Example:
     """Plain text: keeps (or, from scratch, builds) the text language model the TTS format reads with."""
     input_ids = _ids([tok.bos_id], tok.encode_text(text.strip()), [tok.eos_id])
