@@ -173,7 +173,7 @@ def test_guidance_reweights_the_codes_by_what_the_text_adds(tok: SpeechTokenizer
     # Where the text changes nothing, nothing changes.
     assert torch.allclose(guide(with_text, with_text, allowed, tok, 3.0), conditional, atol=1e-5)
     assert torch.allclose(guide(with_text, without_text, allowed, tok, 1.0), conditional, atol=1e-5)
-    with pytest.raises(ValueError, match="bad sampling"):
+    with pytest.raises(ValueError, match="guidance scales start at 1.0"):
         SamplingConfig(cfg_scale=0.5)
 
 

@@ -54,9 +54,11 @@ class SamplingConfig:
     cfg_scale: float = 1.0            # classifier-free guidance on the text (`guide`); 1: off
 
     def __post_init__(self) -> None:
-        if (self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0
-                or self.cfg_scale < 1):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"bad sampling settings: {self}")
+        if self.cfg_scale < 1:
+            raise ValueError(f"cfg_scale={self.cfg_scale}: guidance scales start at 1.0 (off); a scale below "
+                             "would steer toward speech that ignores the text")
 
     @property
     def greedy(self) -> bool:
