@@ -55,8 +55,7 @@ def text_use(model: PreTrainedModel, tok: SpeechTokenizer, shards: CodeShards, c
     """The three losses on `count` utterances drawn (seeded) from the shards; "other" pairs each utterance
     with the transcript of the next one drawn."""
     rng = np.random.default_rng(seed)
-    usable = np.flatnonzero(speakable_rows(tok, shards) if tok.interleaved else np.ones(len(shards), bool))
-    usable = usable.tolist()
+    usable = np.flatnonzero(speakable_rows(tok, shards)).tolist()
     picked = [usable[int(i)] for i in rng.permutation(len(usable))[: min(count, len(usable))]]
     if len(picked) < 2:
         raise ValueError(f"text_use needs at least 2 utterances to swap transcripts; the shards hold "

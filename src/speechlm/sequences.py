@@ -148,11 +148,18 @@ def interleaved_speech(tok: SpeechTokenizer, codes: np.ndarray, char_ids: Sequen
     return _ids(ids, [tok.speech_end_id]), _ids(labels, [tok.speech_end_id])
 
 
+def spoken_lengths(tok: SpeechTokenizer, shards: CodeShards) -> np.ndarray:
+    """int64 [len(shards)]: how many letters or phonemes an interleaved tokenizer says of each utterance, at
+    the shards' timings; 0 where it cannot say it (the aligner did not read it, or what the tokenizer says
+    of its text does not fit its codes). From the shards' rows alone: no codes are read."""
+    timings = (tok.spoken_timings(row["text"], row.get("char_starts"), row["length"]) for row in shards.rows)
+    return np.array([len(starts or []) for starts in timings], np.int64)
+
+
 def speakable_rows(tok: SpeechTokenizer, shards: CodeShards) -> np.ndarray:
-    """bool [len(shards)]: which utterances the interleaved format can say (the aligner read them and what
-    the tokenizer says of their text fits their codes), from the shards' rows alone."""
-    return np.array([tok.spoken_timings(row["text"], row.get("char_starts"), row["length"]) is not None
-                     for row in shards.rows], bool)
+    """bool [len(shards)]: which utterances the tts format can say: all of them in the plain format, those
+    with spoken timings (`spoken_lengths`) in the interleaved one."""
+    return spoken_lengths(tok, shards) > 0 if tok.interleaved else np.ones(len(shards), bool)
 
 
 def phrase_example(tok: SpeechTokenizer, utterance: CodedUtterance, words: int,
@@ -292,7 +299,7 @@ class PretrainDataset(IterableDataset):
         self.shards, self.tok, self.seq_len, self.seed = shards, tok, seq_len, seed
         self.weights = dict(weights)
         self.texts = list(texts) if texts is not None else [row["text"] for row in shards.rows]
-        self.speakable = speakable_rows(tok, shards) if tok.interleaved else None
+        self.speakable = speakable_rows(tok, shards)
 
     def examples(self, seed: Sequence[int]) -> Iterator[Example]:
         sources = MixtureSampler(self.weights, list(seed))
@@ -308,7 +315,7 @@ class PretrainDataset(IterableDataset):
             elif source == "phrase":
                 words = int(rng.integers(self.phrase_words[0], self.phrase_words[1] + 1))
                 yield phrase_example(self.tok, utterance, words, rng)
-            elif self.tok.interleaved and not self.speakable[index]:
+            elif not self.speakable[index]:  # interleaved, and the aligner could not read it
                 yield continuation_example(self.tok, utterance.codes)
             else:
                 yield tts_sequence(self.tok, utterance.text, utterance.codes,
@@ -341,10 +348,8 @@ class SFTDataset(Dataset):
         if tok.interleaved:
             check_alphabet(shards, tok)
             # Each spoken character adds a token; a voice prompt is its codes between 2 markers, no text.
-            timings = [tok.spoken_timings(row["text"], row.get("char_starts"), row["length"])
-                       for row in shards.rows]
-            usable = np.array([starts is not None for starts in timings], bool)
-            chars = np.array([len(starts or []) for starts in timings], np.int64)
+            chars = spoken_lengths(tok, shards)
+            usable = chars > 0
             self.own_len = self.text_len + self.frames + chars + 6
             self.prompt_len = self.frames + 2
         else:

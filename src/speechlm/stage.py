@@ -48,7 +48,14 @@ from voxlm.data.shards import CodeShards
 from voxlm.runs import find_run, write_metrics
 from voxlm.speechlm.model import build_model
 from voxlm.speechlm.module import SpeechLMModule, hf_config_dict
-from voxlm.speechlm.sequences import PretrainDataset, SFTDataset, pack, pad_collate, tts_sequence
+from voxlm.speechlm.sequences import (
+    PretrainDataset,
+    SFTDataset,
+    pack,
+    pad_collate,
+    speakable_rows,
+    tts_sequence,
+)
 from voxlm.speechlm.tokenizer import (
     LAYOUT_FILE,
     SpeechTokenizer,
@@ -248,9 +255,8 @@ class PretrainData(L.LightningDataModule):
 def val_rows(shards: CodeShards, tok: SpeechTokenizer, seq_len: int) -> list[dict[str, torch.Tensor]]:
     """Every utterance once in the text_speech format, packed into rows of seq_len (in the interleaved
     format, every utterance with character timings)."""
-    utterances = (shards[i] for i in range(len(shards)))
-    examples = (tts_sequence(tok, u.text, u.codes, char_starts=u.char_starts) for u in utterances
-                if not tok.interleaved or tok.spoken_timings(u.text, u.char_starts, len(u.codes)) is not None)
+    utterances = (shards[int(i)] for i in np.flatnonzero(speakable_rows(tok, shards)))
+    examples = (tts_sequence(tok, u.text, u.codes, char_starts=u.char_starts) for u in utterances)
     return [{name: torch.from_numpy(value) for name, value in row.items()}
             for row in pack(examples, seq_len, tok.pad_id)]
 
