@@ -2,8 +2,9 @@
 [eval.max_utterances=30] ['~eval.conditions.test_unseen']` for an interleaved SpeechLM.
 
 For each evaluation sentence (the first `eval.max_utterances` of each condition, with eval_tts's voice
-prompts and sampling): the ground-truth recording's codes, the model speaking freely, and the model
-speaking with the recording's character timings (voxlm.eval.given_timing). Each is decoded by the codec and
+prompts and sampling): the ground-truth recording's codes, the model speaking freely, the model speaking
+with the recording's character timings, and the model predicting each of the recording's codes from the
+recording's own history (teacher forced; voxlm.eval.given_timing). Each is decoded by the codec and
 transcribed by Whisper tiny.en; the codec's CTC head also reads characters off the codes (a character error
 rate that needs no audio). Writes given_timing.md and .json to eval.out.
 """
@@ -25,14 +26,14 @@ from voxlm.codec.losses import spoken_characters
 from voxlm.codec.module import load_codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import WhisperJudge, corpus_wer
-from voxlm.eval.given_timing import codes_at_timings
+from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced
 from voxlm.eval.report import markdown_table, write_json
 from voxlm.eval.tts_eval import build_cases, case_prompt, decode_codes, encode_audio
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
 from voxlm.speechlm.model import load_speechlm
 
 log = logging.getLogger("given_timing")
-WAYS = ("ground_truth", "free", "given_timing")
+WAYS = ("ground_truth", "free", "given_timing", "teacher_forced")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval_tts")
@@ -65,7 +66,9 @@ def main(cfg: DictConfig) -> None:
             codes = {"ground_truth": torch.from_numpy(truth),
                      "free": generate_codes(model, tok, [prompt], limit, sampling, spoken=[chars]).codes[0],
                      "given_timing": codes_at_timings(model, tok, prompt, chars, starts, len(truth), sampling,
-                                                      generator)}
+                                                      generator),
+                     "teacher_forced": codes_teacher_forced(model, tok, prompt, chars, starts, truth,
+                                                            sampling, generator)}
             reference = spoken_characters(text, head.alphabet)
             texts.append(case.text)
             for way, said in codes.items():

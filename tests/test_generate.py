@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM
 
 from voxlm.codec.model import Codec
 from voxlm.data.dataset import Preprocess
-from voxlm.eval.given_timing import codes_at_timings
+from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced
 from voxlm.speechlm.generate import (
     SamplingConfig,
     allowed_tokens,
@@ -57,6 +57,13 @@ GREEDY = SamplingConfig(do_sample=False)
 @pytest.fixture(scope="module")
 def tok() -> SpeechTokenizer:
     return SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK)
+
+
+@pytest.fixture(scope="module")
+def spoken_tok() -> SpeechTokenizer:
+    """The interleaved format's tokenizer, saying letters."""
+    return SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
+                                 spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
 
 
 def tiny_lm(tok: SpeechTokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -97,6 +104,13 @@ def bigram_lm(tok: SpeechTokenizer, successor: dict[int, int]) -> LlamaForCausal
         for current, following in successor.items():
             model.lm_head.weight[following] += normalized[current]  # a token may have two predecessors
     return model
+
+
+@torch.no_grad()
+def second_choice(model: LlamaForCausalLM, after: int, token: int) -> None:
+    """A bigram_lm's `token` made the second choice after `after`, at half the first one's logit."""
+    embed = model.model.embed_tokens.weight[after]
+    model.lm_head.weight[token] += 0.5 * embed / embed.pow(2).mean().sqrt()
 
 
 def code(tok: SpeechTokenizer, c: int) -> int:
@@ -207,7 +221,8 @@ def reference_guided(model: LlamaForCausalLM, tok: SpeechTokenizer, prompt: np.n
 
 
 def test_guided_generation_equals_two_full_recomputes(tok: SpeechTokenizer,
-                                                      random_lm: LlamaForCausalLM) -> None:
+                                                      random_lm: LlamaForCausalLM,
+                                                      spoken_tok: SpeechTokenizer) -> None:
     """The unconditional rows share the batch (left padding, cache) with their prompts, hear every code and
     no character: plain rows of different lengths, and interleaved rows that advance."""
     guided = SamplingConfig(do_sample=False, cfg_scale=2.5)
@@ -218,8 +233,6 @@ def test_guided_generation_equals_two_full_recomputes(tok: SpeechTokenizer,
     unguided = generate_codes(random_lm, tok, rows[:1], 12, GREEDY)
     assert generated.codes[0].tolist() != unguided.codes[0].tolist()
 
-    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
-                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
     model = tiny_lm(spoken_tok, initializer_range=0.2)
     with torch.no_grad():  # <|advance|> made likely enough that rows move on now and then
         codes_mean = model.lm_head.weight[spoken_tok.code_offset:].mean(0)
@@ -347,12 +360,11 @@ def test_length_guard_cuts_a_model_that_never_stops(tok: SpeechTokenizer) -> Non
         generate_codes(model, tok, rows[:1], 100, GREEDY)
 
 
-def test_interleaved_rows_are_fed_their_characters_in_order(tok: SpeechTokenizer) -> None:
+def test_interleaved_rows_are_fed_their_characters_in_order(tok: SpeechTokenizer,
+                                                            spoken_tok: SpeechTokenizer) -> None:
     """In the interleaved format the model says <|advance|> and the next character is fed; it cannot stop
     before the last one nor advance past it. 'h' -> [speech_end] (preferred) or c5; c5 -> <|advance|>;
     'i' -> c2; c2 -> <|advance|> (preferred) or [speech_end]."""
-    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
-                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
     h, i = spoken_tok.char_ids["h"], spoken_tok.char_ids["i"]
     model = bigram_lm(spoken_tok, {h: spoken_tok.speech_end_id, code(spoken_tok, 5): spoken_tok.advance_id,
                                    i: code(spoken_tok, 2), code(spoken_tok, 2): spoken_tok.advance_id})
@@ -399,17 +411,14 @@ def test_lookahead_rows_are_fed_ahead_and_told_where_each_character_begins(tok: 
     assert [c.tolist() for c in generated.codes] == [[5, 5, 2]] * 2 and generated.truncated == [False] * 2
 
 
-def test_given_timings_feed_each_character_at_its_frame(tok: SpeechTokenizer) -> None:
+def test_given_timings_feed_each_character_at_its_frame(tok: SpeechTokenizer,
+                                                        spoken_tok: SpeechTokenizer) -> None:
     """voxlm.eval.given_timing: 'h' at frame 0 and 'i' at frame 2 of 4, whatever the model would rather
     do. h -> c1; c1 -> [speech_end] (preferred, never sampled here) or c4; 'i' -> c7; c7 -> c2."""
-    spoken_tok = SpeechTokenizer.build(train_text_tokenizer(SENTENCES * 4, vocab_size=300), CODEBOOK,
-                                       spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
     h, i, end = spoken_tok.char_ids["h"], spoken_tok.char_ids["i"], spoken_tok.speech_end_id
     model = bigram_lm(spoken_tok, {h: code(spoken_tok, 1), code(spoken_tok, 1): end,
                                    i: code(spoken_tok, 7), code(spoken_tok, 7): code(spoken_tok, 2)})
-    with torch.no_grad():  # c4 second after c1, at half the logit
-        embed = model.model.embed_tokens.weight[code(spoken_tok, 1)]
-        model.lm_head.weight[code(spoken_tok, 4)] += 0.5 * embed / embed.pow(2).mean().sqrt()
+    second_choice(model, after=code(spoken_tok, 1), token=code(spoken_tok, 4))
     prompt = tts_prompt(spoken_tok, "hi")
     codes = codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 2], 4, GREEDY)
     assert codes.tolist() == [1, 4, 7, 2]
@@ -421,6 +430,26 @@ def test_given_timings_feed_each_character_at_its_frame(tok: SpeechTokenizer) ->
         codes_at_timings(model, tok, tts_prompt(tok, "hi"), [h, i], [0, 2], 4, GREEDY)
     with pytest.raises(ValueError, match="without classifier-free guidance"):
         codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 2], 4, SamplingConfig(cfg_scale=2.0))
+
+
+def test_teacher_forcing_predicts_each_code_from_the_recordings_history(spoken_tok: SpeechTokenizer) -> None:
+    """voxlm.eval.given_timing.codes_teacher_forced: h -> c1 -> c4 (speech_end masked) -> c9, 'i' at frame 3
+    -> c7. Speaking freely says c1 c4 c9 c7; predicting a recording c1 c1 c1 c5 one step at a time says
+    c4 after its c1, not c9, and c7 after 'i' whatever came before."""
+    h, i, end = spoken_tok.char_ids["h"], spoken_tok.char_ids["i"], spoken_tok.speech_end_id
+    model = bigram_lm(spoken_tok, {h: code(spoken_tok, 1), code(spoken_tok, 1): end,
+                                   code(spoken_tok, 4): code(spoken_tok, 9), i: code(spoken_tok, 7)})
+    second_choice(model, after=code(spoken_tok, 1), token=code(spoken_tok, 4))
+    prompt = tts_prompt(spoken_tok, "hi")
+    free = codes_at_timings(model, spoken_tok, prompt, [h, i], [0, 3], 4, GREEDY)
+    assert free.tolist() == [1, 4, 9, 7]
+    recording = np.array([1, 1, 1, 5])
+    forced = codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], recording, GREEDY)
+    assert forced.tolist() == [1, 4, 4, 7]
+    # Given its own free-running codes as the recording, it says them again.
+    assert codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], free.numpy(), GREEDY).equal(free)
+    with pytest.raises(ValueError, match="no code for the last character"):
+        codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], recording[:3], GREEDY)
 
 
 # --- voices ------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
+from voxlm.codec.model import FSQ
 from voxlm.data.phonemes import (
     phoneme_inventory,
     phoneme_starts,
@@ -30,8 +31,9 @@ from voxlm.speechlm.alignment import (
     guided_attention_loss,
     text_speech_spans,
 )
+from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid, has_code_grid
 from voxlm.speechlm.model import build_model, count_parameters, llama_config, padded_vocab_size
-from voxlm.speechlm.module import SpeechLMModule, hf_config_dict
+from voxlm.speechlm.module import SpeechLMModule, hf_config_dict, noisy_codes
 from voxlm.speechlm.sequences import (
     IGNORE,
     SOURCES,
@@ -48,6 +50,7 @@ from voxlm.speechlm.sequences import (
     tts_prompt,
     tts_sequence,
 )
+from voxlm.speechlm.stage import with_recipe
 from voxlm.speechlm.tokenizer import (
     LAYOUT_FILE,
     SpeechTokenizer,
@@ -69,9 +72,12 @@ SENTENCES = [
 
 
 def preset(name: str):
-    """A speechlm preset resolved on its own (the paths it interpolates point into a dummy folder)."""
+    """A speechlm preset resolved beside its codec preset (the paths it interpolates point into a dummy
+    folder)."""
     speechlm = OmegaConf.load(CONFIGS / f"{name}.yaml")
-    return OmegaConf.create({"paths": {"data_dir": "/nonexistent"}, "speechlm": speechlm}).speechlm
+    codec = OmegaConf.load(CONFIGS.parent / "codec" / f"{name}.yaml")
+    return OmegaConf.create({"paths": {"data_dir": "/nonexistent"}, "speechlm": speechlm,
+                             "codec": codec}).speechlm
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +230,20 @@ def test_base_preset_is_llama_3_2_1b_shaped() -> None:
         assert {"pretrain", "sft", "lora", "model", "tokenizer"} <= set(p)
 
 
+def test_recipe_precision_auto_takes_bf16_where_the_cpu_has_it() -> None:
+    trainer = {"accelerator": "cpu", "precision": "32-true", "val_check_interval": 5}
+    cfg = OmegaConf.create({"trainer": trainer})
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    recipe = OmegaConf.create({"accumulate_grad_batches": 2, "precision": "auto"})
+    merged = with_recipe(cfg, recipe)
+    assert merged.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert merged.trainer.val_check_interval == 10 and cfg.trainer.precision == "32-true"  # a copy
+    assert with_recipe(cfg, OmegaConf.create({"accumulate_grad_batches": 1, "precision": None})
+                       ).trainer.precision == "32-true"  # null: the trainer's own
+    gpu = OmegaConf.merge(cfg, {"trainer": {"accelerator": "gpu"}})
+    assert with_recipe(gpu, recipe).trainer.precision == "bf16-mixed"
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_init_from_pretrained_llm_grows_embeddings_with_their_mean(tmp_path: Path, tied: bool) -> None:
     cfg = {**OmegaConf.to_container(preset("tiny").model), "tie_word_embeddings": tied}
@@ -243,6 +263,68 @@ def test_init_from_pretrained_llm_grows_embeddings_with_their_mean(tmp_path: Pat
         torch.testing.assert_close(grown(ids).logits[..., :old_vocab], llm(ids).logits)
     with pytest.raises(ValueError, match="does not have the preset's shape"):
         build_model({**cfg, "init_from": str(tmp_path / "llm"), "num_hidden_layers": 3}, 350)
+
+
+def test_code_grid_shares_each_fsq_digit_and_folds_into_a_stock_model(tok: SpeechTokenizer,
+                                                                       tmp_path: Path) -> None:
+    levels = [4, 4, 4]  # the tiny codec's: 64 codes
+    model = build_model(preset("tiny").model, len(tok), tok.layout.special_ids)
+    example = tts_sequence(tok, SENTENCES[0], np.arange(40) % CODEBOOK)
+    ids, labels = torch.from_numpy(example.input_ids)[None], torch.from_numpy(example.labels)[None]
+    with torch.no_grad():
+        plain = model(ids).logits
+    grid = add_code_grid(model, levels, tok.code_offset, CODEBOOK, init_std=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain)  # zero tables: the model's outputs unchanged
+    # Two codes share a table row exactly where the codec's FSQ gives them the same latent value.
+    latent = FSQ(levels).codes_to_latent(torch.arange(CODEBOOK))
+    same_row = grid.table_rows[:, None, :] == grid.table_rows[None, :, :]
+    assert torch.equal(same_row, latent[:, None, :] == latent[None, :, :])
+    assert grid.table.shape == (sum(levels), model.config.hidden_size)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+    assert grid.table.abs().sum() > 0  # the tables trained, from the frames of every code
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    torch.testing.assert_close(embed.weight, head.weight)  # still tied through the shared grid
+    with torch.no_grad():
+        trained = model(ids).logits
+    fold_code_grid(model)
+    assert not has_code_grid(model) and head.weight is embed.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert "model.embed_tokens.weight" in reloaded.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_code_noise_replaces_only_codes_by_random_codes(tok: SpeechTokenizer) -> None:
+    example = tts_sequence(tok, SENTENCES[0], np.arange(2000) % CODEBOOK)
+    ids = torch.from_numpy(example.input_ids)[None]
+    is_code = (ids >= tok.code_offset) & (ids < tok.code_offset + CODEBOOK)
+    torch.manual_seed(0)
+    noisy = noisy_codes(ids, tok.code_offset, CODEBOOK, 0.3)
+    assert torch.equal(noisy[~is_code], ids[~is_code])  # text and control tokens stay
+    assert ((noisy >= tok.code_offset) & (noisy < tok.code_offset + CODEBOOK)).equal(is_code)
+    changed = float((noisy != ids)[is_code].float().mean())
+    assert 0.3 * (1 - 1 / CODEBOOK) - 0.03 < changed < 0.3 + 0.03  # a drawn code may be the same one
+    assert torch.equal(noisy_codes(ids, tok.code_offset, CODEBOOK, 0.0), ids)
+    assert len(noisy[is_code].unique()) == CODEBOOK  # drawn from the whole block
+
+
+def test_code_grid_refuses_levels_of_another_codec_and_untied_embeddings(tok: SpeechTokenizer) -> None:
+    model = build_model(preset("tiny").model, len(tok), tok.layout.special_ids)
+    with pytest.raises(ValueError, match=r"make 1000 codes but the vocabulary holds 64.*codec.model.levels"):
+        add_code_grid(model, [8, 5, 5, 5], tok.code_offset, CODEBOOK, init_std=0.01)
+    untied = build_model({**OmegaConf.to_container(preset("tiny").model), "tie_word_embeddings": False},
+                         len(tok), tok.layout.special_ids)
+    with pytest.raises(ValueError, match="tie_word_embeddings=true"):
+        add_code_grid(untied, [4, 4, 4], tok.code_offset, CODEBOOK, init_std=0.01)
 
 
 # --- sequences ---------------------------------------------------------------------------------------------

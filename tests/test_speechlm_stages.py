@@ -26,6 +26,7 @@ from voxlm.data.shards import CodeShards
 from voxlm.eval.text_use import speech_given_text, text_use
 from voxlm.serve.backends import max_backend
 from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, SpeechRequest
+from voxlm.speechlm.code_grid import has_code_grid
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.module import SpeechLMModule
@@ -177,6 +178,23 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
                                                                   char_starts=first.char_starts).input_ids)
 
 
+def test_pretrain_trains_the_code_grid_and_saves_it_folded(pretrain_run: Path, shards: Path) -> None:
+    # The tiny preset trains its code rows through the tiny codec's FSQ digits ([4, 4, 4]).
+    ckpt = torch.load(pretrain_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["code_grid"]["levels"] == [4, 4, 4]
+    assert ckpt["hyper_parameters"]["code_grid"]["init_std"] > 0  # fresh tables for a model from scratch
+    tables = [v for k, v in ckpt["state_dict"].items() if k.endswith("parametrizations.weight.0.table")]
+    assert tables and tables[0].shape[0] == 12 and tables[0].abs().sum() > 0
+    saved = load_file(pretrain_run / "hf/model.safetensors")
+    assert "model.embed_tokens.weight" in saved and not any("parametrizations" in k for k in saved)
+    # The folded stock model computes what the grid-trained one does.
+    trained = SpeechLMModule.load_from_checkpoint(pretrain_run / "checkpoints/last.ckpt", map_location="cpu")
+    assert has_code_grid(trained.model.eval())
+    model = AutoModelForCausalLM.from_pretrained(pretrain_run / "hf", local_files_only=True)
+    tok = SpeechTokenizer.from_pretrained(pretrain_run / "hf")
+    assert val_loss(model, tok, shards) == pytest.approx(val_loss(trained.model, tok, shards), abs=1e-5)
+
+
 def test_pretraining_lowers_the_loss(pretrain_run: Path, shards: Path) -> None:
     m = metrics(pretrain_run)
     assert m["train/loss"] < m["train_loss_first"] - 0.3
@@ -215,6 +233,11 @@ def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain
     assert base.keys() == tuned.keys()
     assert all(not torch.equal(base[k], tuned[k]) for k in base if "proj" in k)  # every weight trained
     assert (run / "hf/speech_layout.json").read_text() == (pretrain_run / "hf/speech_layout.json").read_text()
+    # Fine-tuning adds the code grid at zero, so it starts from the pretrained model's outputs.
+    hparams = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
+        "hyper_parameters"]
+    assert hparams["code_grid"] == {"levels": [4, 4, 4], "init_std": 0.0}
+    assert hparams["code_noise"] == 0.2  # the fixture trains it with a fifth of its input codes made wrong
 
 
 def test_text_use_scores_the_same_speech_under_three_texts(sft_runs: dict[str, Path], shards: Path) -> None:
@@ -244,7 +267,10 @@ def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain
     run = sft_runs["lora"]
     m = metrics(run)
     assert m["lora"] and m["trainable_parameters"] < m["parameters"] / 5
+    assert m["precision"] == "bf16-mixed" and metrics(sft_runs["full"])["precision"] == "32-true"
     assert not (run / "hf/adapter_config.json").exists()
+    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
+        "hyper_parameters"]["code_grid"] is None  # LoRA trains adapters only
     base = load_file(pretrain_run / "hf/model.safetensors")
     merged = load_file(run / "hf/model.safetensors")
     assert merged.keys() == base.keys()  # no lora_A/lora_B, no PEFT prefixes

@@ -28,6 +28,49 @@ def codes_at_timings(model: PreTrainedModel, tok: SpeechTokenizer, prompt: np.nd
     """`frames` codes (LongTensor) sampled after `prompt` (a tts_prompt), with character i's feed
     (`tok.spoken_feeds`) given before frame char_starts[i]: <|advance|> and [speech_end] are never sampled.
     The repetition penalty's window counts codes, as `stream_codes`' does when no character is fed."""
+    feeds_before = _feeds_before(tok, char_ids, char_starts, frames, sampling)
+    ids = torch.as_tensor(np.append(np.asarray(prompt), feeds_before[0]), device=model.device)[None]
+    out = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    allowed = _code_block(tok, out.logits.shape[-1]).to(model.device)
+    codes: list[int] = []
+    for frame in range(frames):
+        token = _draw(out.logits[0, -1], allowed, codes, tok, sampling, generator)
+        codes.append(token - tok.code_offset)
+        if frame + 1 == frames:
+            break
+        fed = [token, *feeds_before.get(frame + 1, [])]
+        out = model(input_ids=torch.tensor([fed], device=model.device), cache=out.cache, use_cache=True,
+                    logits_to_keep=1)
+    return torch.tensor(codes, dtype=torch.long)
+
+
+@torch.no_grad()
+def codes_teacher_forced(model: PreTrainedModel, tok: SpeechTokenizer, prompt: np.ndarray,
+                         char_ids: Sequence[int], char_starts: Sequence[int], truth: np.ndarray,
+                         sampling: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """The model's one-step predictions of a recording's codes: code t drawn (as `codes_at_timings` draws)
+    from the model given the prompt, the characters at the recording's timings and the recording's own codes
+    before t. Intelligible one-step predictions with unintelligible free-running speech mean the model
+    drifts once its history is its own; unintelligible ones mean it does not know the sounds."""
+    truth = np.asarray(truth)
+    feeds_before = _feeds_before(tok, char_ids, char_starts, len(truth), sampling)
+    ids, positions = list(np.asarray(prompt)), []
+    for frame, code in enumerate(truth.tolist()):
+        ids += feeds_before.get(frame, [])
+        positions.append(len(ids) - 1)  # the logits there predict this frame's code
+        ids.append(code + tok.code_offset)
+    logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
+    allowed = _code_block(tok, logits.shape[-1]).to(model.device)
+    codes: list[int] = []
+    for frame, position in enumerate(positions):
+        token = _draw(logits[position], allowed, truth[:frame].tolist(), tok, sampling, generator)
+        codes.append(token - tok.code_offset)
+    return torch.tensor(codes, dtype=torch.long)
+
+
+def _feeds_before(tok: SpeechTokenizer, char_ids: Sequence[int], char_starts: Sequence[int], frames: int,
+                  sampling: SamplingConfig) -> dict[int, list[int]]:
+    """frame -> the tokens fed right before it, after checking the timings fit `frames` codes."""
     if not tok.interleaved:
         raise ValueError("given timings are for interleaved SpeechLMs: a plain one has no character to feed")
     if sampling.cfg_scale != 1.0:
@@ -40,24 +83,23 @@ def codes_at_timings(model: PreTrainedModel, tok: SpeechTokenizer, prompt: np.nd
         raise ValueError(f"{frames} frames leave no code for the last character (it starts at "
                          f"{char_starts[-1]})")
     first, later = tok.spoken_feeds(char_ids)
-    feeds_before: dict[int, list[int]] = {0: list(first)}  # frame -> tokens fed right before it
+    feeds_before: dict[int, list[int]] = {0: list(first)}
     for start, token in zip(char_starts[1:], later, strict=True):
         feeds_before.setdefault(start, []).append(token)
-    ids = torch.as_tensor(np.append(np.asarray(prompt), feeds_before[0]), device=model.device)[None]
-    out = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    allowed = allowed_tokens(tok, out.logits.shape[-1]).to(model.device)
+    return feeds_before
+
+
+def _code_block(tok: SpeechTokenizer, vocab_size: int) -> Tensor:
+    allowed = allowed_tokens(tok, vocab_size)
     allowed[[tok.speech_end_id, tok.advance_id]] = False
+    return allowed
+
+
+def _draw(logits: Tensor, allowed: Tensor, codes: list[int], tok: SpeechTokenizer, sampling: SamplingConfig,
+          generator: torch.Generator | None) -> int:
+    """One code token from one position's logits, the repetition penalty over the last window of `codes`."""
     window = sampling.repetition_window
-    codes: list[int] = []
-    for frame in range(frames):
-        recent = codes[0 if window is None else max(0, len(codes) - window):]
-        recent_ids = torch.tensor([recent], dtype=torch.long, device=model.device).reshape(1, -1)
-        token = int(next_tokens(out.logits[:, -1].float(), allowed[None], recent_ids + tok.code_offset,
-                                sampling, generator)[0])
-        codes.append(token - tok.code_offset)
-        if frame + 1 == frames:
-            break
-        fed = [token, *feeds_before.get(frame + 1, [])]
-        out = model(input_ids=torch.tensor([fed], device=model.device), cache=out.cache, use_cache=True,
-                    logits_to_keep=1)
-    return torch.tensor(codes, dtype=torch.long)
+    recent = codes[0 if window is None else max(0, len(codes) - window):]
+    recent_ids = torch.tensor([recent], dtype=torch.long, device=logits.device).reshape(1, -1)
+    return int(next_tokens(logits[None].float(), allowed[None], recent_ids + tok.code_offset, sampling,
+                           generator)[0])

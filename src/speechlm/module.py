@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from voxlm.codec.module import lr_factor
 from voxlm.speechlm.alignment import guided_attention_loss, text_speech_spans
+from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid
 
 
 def hf_config_dict(model: LlamaForCausalLM) -> dict[str, Any]:
@@ -45,6 +46,20 @@ def add_lora(model: LlamaForCausalLM, lora_cfg: dict[str, Any]) -> torch.nn.Modu
     return get_peft_model(model, config)
 
 
+def noisy_codes(input_ids: Tensor, code_offset: int, codebook_size: int, share: float) -> Tensor:
+    """input_ids with each code token replaced, with probability `share`, by a code drawn uniformly.
+
+    The labels keep the true codes. Taught only from true histories, a speech LM leans on the last few
+    frames (at 100 codes/s the next code is mostly the previous one) and, sampling freely, drifts as soon as
+    its own codes are off; with some of its history made wrong it must take the next code from the text and
+    the longer context too (what Tacotron's always-on pre-net dropout does for spectrogram frames).
+    """
+    is_code = (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
+    replace = is_code & (torch.rand(input_ids.shape, device=input_ids.device) < share)
+    random_codes = torch.randint_like(input_ids, code_offset, code_offset + codebook_size)
+    return torch.where(replace, random_codes, input_ids)
+
+
 class SpeechLMModule(L.LightningModule):
     """The SpeechLM and its training recipe.
 
@@ -52,16 +67,23 @@ class SpeechLMModule(L.LightningModule):
     pretrain/sft `optim` section; max_steps: where the cosine ends; lora_cfg: the preset's `lora` section
     (adapters only when enabled); layout: the tokenizer's VocabLayout as a dict; guided_cfg: the recipe's
     `guided_attention` section (voxlm.speechlm.alignment: weight, sigma, layers, heads; weight 0 or no
-    section: off). `model` (not a hyperparameter) gives the initial weights, e.g. a pretrained folder's;
-    without it the model is built from model_config, as load_from_checkpoint does before loading them.
+    section: off); code_grid: {"levels": the codec's FSQ levels, "init_std": the tables' initial scale} to
+    train the code rows through voxlm.speechlm.code_grid (None: off); code_noise: the share of input codes
+    replaced by random codes in training steps (`noisy_codes`; 0: off). `model` (not a hyperparameter) gives
+    the initial weights, e.g. a pretrained folder's; without it the model is built from model_config, as
+    load_from_checkpoint does before loading them.
     """
 
     def __init__(self, model_config: dict[str, Any], optim_cfg: dict[str, Any], max_steps: int,
                  lora_cfg: dict[str, Any] | None = None, layout: dict[str, Any] | None = None,
-                 model: LlamaForCausalLM | None = None, guided_cfg: dict[str, Any] | None = None) -> None:
+                 model: LlamaForCausalLM | None = None, guided_cfg: dict[str, Any] | None = None,
+                 code_grid: dict[str, Any] | None = None, code_noise: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.optim_cfg, self.max_steps = optim_cfg, int(max_steps)
+        self.code_noise = float(code_noise)
+        if self.code_noise and not layout:
+            raise ValueError("code noise needs the vocabulary layout (where the code block is)")
         self.lora_enabled = bool(lora_cfg and lora_cfg.get("enabled"))
         self.guided_cfg = guided_cfg or {}
         self.guided_weight = float(self.guided_cfg.get("weight") or 0.0)
@@ -70,6 +92,14 @@ class SpeechLMModule(L.LightningModule):
         model = model if model is not None else LlamaForCausalLM(LlamaConfig.from_dict(model_config))
         if self.guided_weight:
             model.set_attn_implementation("eager")  # the loss needs the attention probabilities
+        if code_grid:
+            if self.lora_enabled:
+                raise ValueError("LoRA trains adapters only, and a code grid trains the code rows: set "
+                                 "speechlm.model.code_grid=null or speechlm.lora.enabled=false")
+            if not layout:
+                raise ValueError("the code grid needs the vocabulary layout (where the code block is)")
+            add_code_grid(model, code_grid["levels"], layout["code_offset"], layout["codebook_size"],
+                          float(code_grid["init_std"]))
         self.model = add_lora(model, lora_cfg) if self.lora_enabled else model
         # Throughput and loss bookkeeping; the totals travel in checkpoints so a resumed run reports the
         # whole run's throughput.
@@ -92,11 +122,12 @@ class SpeechLMModule(L.LightningModule):
                           labels=batch["labels"]).loss
 
     def plain_model(self) -> LlamaForCausalLM:
-        """The model as a stock LlamaForCausalLM: LoRA adapters merged into the base weights (this
-        unwraps the module's model: call it once training is over)."""
+        """The model as a stock LlamaForCausalLM: LoRA adapters merged into the base weights, a code grid
+        folded into the embedding (this unwraps the module's model: call it once training is over)."""
         if self.lora_enabled:
             self.model = self.model.merge_and_unload()
             self.lora_enabled = False
+        fold_code_grid(self.model)
         return self.model
 
     # ---------------------------------------------------------------- optimizer
@@ -143,6 +174,10 @@ class SpeechLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         batch_size = len(batch["input_ids"])
+        if self.code_noise:
+            layout = self.hparams.layout
+            batch = {**batch, "input_ids": noisy_codes(batch["input_ids"], layout["code_offset"],
+                                                       layout["codebook_size"], self.code_noise)}
         if self.guided_weight:
             loss, guided = self.losses_with_guided_attention(batch)
             self.log("train/guided_attention", guided.detach(), batch_size=batch_size)

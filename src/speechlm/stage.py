@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -62,7 +63,7 @@ from voxlm.speechlm.tokenizer import (
     load_text_tokenizer,
     train_text_tokenizer,
 )
-from voxlm.training import build_trainer, config_dict, fit, seed_everything
+from voxlm.training import build_trainer, config_dict, fit, resolve_precision, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> None:
     model = build_model(cfg.speechlm.model, len(tok), tok.layout.special_ids)
     module = SpeechLMModule(hf_config_dict(model), config_dict(recipe.optim), int(cfg.stage.max_steps),
                             layout=asdict(tok.layout), model=model,
-                            guided_cfg=guided_attention_config(recipe))
+                            guided_cfg=guided_attention_config(recipe),
+                            code_grid=code_grid_config(cfg.speechlm.model, fresh=True),
+                            code_noise=float(recipe.get("code_noise") or 0.0))
     data = PretrainData(train_shards, val_shards, tok, recipe, seed=int(cfg.seed), texts=texts)
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, datamodule=data)
@@ -113,7 +116,11 @@ def run_sft(cfg: DictConfig, run_dir: Path) -> None:
         attn_implementation=cfg.speechlm.model.get("attn_implementation", "sdpa")).train()
     module = SpeechLMModule(hf_config_dict(model), config_dict(recipe.optim), int(cfg.stage.max_steps),
                             lora_cfg=config_dict(cfg.speechlm.lora), layout=asdict(tok.layout), model=model,
-                            guided_cfg=guided_attention_config(recipe))
+                            guided_cfg=guided_attention_config(recipe),
+                            # LoRA trains adapters only: a grid-pretrained model is already folded.
+                            code_grid=None if cfg.speechlm.lora.enabled
+                            else code_grid_config(cfg.speechlm.model, fresh=False),
+                            code_noise=float(recipe.get("code_noise") or 0.0))
     train_loader, val_loader = sft_loaders(train_shards, val_shards, tok, recipe, int(cfg.seed))
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, train_dataloaders=train_loader, val_dataloaders=val_loader)
@@ -209,10 +216,13 @@ def wait_for(path: Path, timeout_s: float = 1800.0) -> None:
 
 
 def with_recipe(cfg: DictConfig, recipe: DictConfig) -> DictConfig:
-    """cfg with the recipe's gradient accumulation in the trainer. The preset counts validation in
-    optimizer steps, Lightning in batches: the interval is scaled to match."""
+    """cfg with the recipe's gradient accumulation and precision in the trainer. The preset counts
+    validation in optimizer steps, Lightning in batches: the interval is scaled to match."""
     accumulate = int(recipe.accumulate_grad_batches)
-    trainer = {"accumulate_grad_batches": accumulate}
+    trainer: dict[str, Any] = {"accumulate_grad_batches": accumulate}
+    precision = resolve_precision(recipe.get("precision"), str(cfg.trainer.get("accelerator", "cpu")))
+    if precision is not None:
+        trainer["precision"] = precision
     if accumulate > 1 and isinstance(cfg.trainer.get("val_check_interval"), int):
         trainer["val_check_interval"] = int(cfg.trainer.val_check_interval) * accumulate
     merged = OmegaConf.merge(cfg, {"trainer": {}})  # a copy: the run's own cfg stays as it was written
@@ -293,6 +303,7 @@ def finish(trainer: L.Trainer, module: SpeechLMModule, tok: SpeechTokenizer, run
     hf_dir = Path(run_dir) / HF_DIR
     save_atomically(partial(save_hf, model, tok), hf_dir)
     write_metrics(run_dir, {**summary, **extra, "steps": trainer.global_step, "hf": str(hf_dir),
+                            "precision": str(trainer.precision),
                             "parameters": sum(p.numel() for p in model.parameters())})
     log.info("SpeechLM written to %s (step %d, %.0f tokens/s)", hf_dir, trainer.global_step,
              summary["tokens_per_s"] or float("nan"))
@@ -324,6 +335,17 @@ def export_model(trainer: L.Trainer, module: SpeechLMModule) -> LlamaForCausalLM
 def save_hf(model: LlamaForCausalLM, tok: SpeechTokenizer, folder: Path) -> None:
     model.save_pretrained(str(folder))
     tok.save_pretrained(folder)
+
+
+def code_grid_config(model_cfg: DictConfig, fresh: bool) -> dict[str, Any] | None:
+    """The module's code_grid from the preset's model.code_grid levels (None: off). Fresh tables (a model
+    from scratch) start at the embeddings' scale, split over the digits; tables added to a trained model
+    start at zero, so fine-tuning starts from its outputs unchanged."""
+    levels = model_cfg.get("code_grid")
+    if not levels:
+        return None
+    init_std = float(model_cfg.initializer_range) / math.sqrt(len(levels)) if fresh else 0.0
+    return {"levels": [int(level) for level in levels], "init_std": init_std}
 
 
 def guided_attention_config(recipe: DictConfig) -> dict[str, Any] | None:
