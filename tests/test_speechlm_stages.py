@@ -178,21 +178,37 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
                                                                   char_starts=first.char_starts).input_ids)
 
 
-def test_pretrain_trains_the_code_grid_and_saves_it_folded(pretrain_run: Path, shards: Path) -> None:
-    # The tiny preset trains its code rows through the tiny codec's FSQ digits ([4, 4, 4]).
-    ckpt = torch.load(pretrain_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["hyper_parameters"]["code_grid"]["levels"] == [4, 4, 4]
+def test_code_grid_trains_resumes_and_saves_a_folded_stock_model(tmp_path: Path, tiny_corpus: Path,
+                                                                   shards: Path) -> None:
+    """A pretrain run with the tiny codec's FSQ levels ([4, 4, 4]), interrupted and resumed, then SFT; in a
+    runs/ tree of its own, so the shared one's `latest` runs stay the fixtures'."""
+    grid = ["speechlm.model.code_grid=[4,4,4]", f"stage.tokenize_run={shards.parent}"]
+    train(tmp_path, tiny_corpus, "pretrain", "run_name=grid", *grid, "speechlm.pretrain.max_steps=2",
+          "speechlm.pretrain.val_check_interval=2")
+    output = train(tmp_path, tiny_corpus, "pretrain", "run_name=grid", *grid, "speechlm.pretrain.max_steps=4",
+                   "speechlm.pretrain.val_check_interval=2")
+    assert "resuming from" in output
+    run = tmp_path / "runs/pretrain/grid"
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["code_grid"]["levels"] == [4, 4, 4]
     assert ckpt["hyper_parameters"]["code_grid"]["init_std"] > 0  # fresh tables for a model from scratch
     tables = [v for k, v in ckpt["state_dict"].items() if k.endswith("parametrizations.weight.0.table")]
     assert tables and tables[0].shape[0] == 12 and tables[0].abs().sum() > 0
-    saved = load_file(pretrain_run / "hf/model.safetensors")
+    saved = load_file(run / "hf/model.safetensors")
     assert "model.embed_tokens.weight" in saved and not any("parametrizations" in k for k in saved)
     # The folded stock model computes what the grid-trained one does.
-    trained = SpeechLMModule.load_from_checkpoint(pretrain_run / "checkpoints/last.ckpt", map_location="cpu")
+    trained = SpeechLMModule.load_from_checkpoint(run / "checkpoints/last.ckpt", map_location="cpu")
     assert has_code_grid(trained.model.eval())
-    model = AutoModelForCausalLM.from_pretrained(pretrain_run / "hf", local_files_only=True)
-    tok = SpeechTokenizer.from_pretrained(pretrain_run / "hf")
+    model = AutoModelForCausalLM.from_pretrained(run / "hf", local_files_only=True)
+    tok = SpeechTokenizer.from_pretrained(run / "hf")
     assert val_loss(model, tok, shards) == pytest.approx(val_loss(trained.model, tok, shards), abs=1e-5)
+    # Fine-tuning adds the grid at zero, so it starts from the pretrained model's outputs.
+    train(tmp_path, tiny_corpus, "sft", "run_name=grid", "stage.pretrain_run=grid", grid[0],
+          "speechlm.sft.max_steps=2", "speechlm.sft.val_check_interval=2")
+    sft = tmp_path / "runs/sft/grid"
+    ckpt = torch.load(sft / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["code_grid"] == {"levels": [4, 4, 4], "init_std": 0.0}
+    assert not any("parametrizations" in k for k in load_file(sft / "hf/model.safetensors"))
 
 
 def test_pretraining_lowers_the_loss(pretrain_run: Path, shards: Path) -> None:
@@ -233,11 +249,6 @@ def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain
     assert base.keys() == tuned.keys()
     assert all(not torch.equal(base[k], tuned[k]) for k in base if "proj" in k)  # every weight trained
     assert (run / "hf/speech_layout.json").read_text() == (pretrain_run / "hf/speech_layout.json").read_text()
-    # Fine-tuning adds the code grid at zero, so it starts from the pretrained model's outputs.
-    hparams = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
-        "hyper_parameters"]
-    assert hparams["code_grid"] == {"levels": [4, 4, 4], "init_std": 0.0}
-    assert hparams["code_noise"] == 0.2  # the fixture trains it with a fifth of its input codes made wrong
 
 
 def test_text_use_scores_the_same_speech_under_three_texts(sft_runs: dict[str, Path], shards: Path) -> None:
@@ -269,8 +280,9 @@ def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain
     assert m["lora"] and m["trainable_parameters"] < m["parameters"] / 5
     assert m["precision"] == "bf16-mixed" and metrics(sft_runs["full"])["precision"] == "32-true"
     assert not (run / "hf/adapter_config.json").exists()
-    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
-        "hyper_parameters"]["code_grid"] is None  # LoRA trains adapters only
+    hparams = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
+        "hyper_parameters"]
+    assert hparams["code_grid"] is None and hparams["code_noise"] == 0.2
     base = load_file(pretrain_run / "hf/model.safetensors")
     merged = load_file(run / "hf/model.safetensors")
     assert merged.keys() == base.keys()  # no lora_A/lora_B, no PEFT prefixes
