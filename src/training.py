@@ -49,10 +49,10 @@ def resolve_precision(precision: str | None, accelerator: str) -> str | None:
     small models ~1.6x faster than float32, and 32-true on other CPUs, where bf16 is emulated and slower."""
     if precision != "auto":
         return precision
-    if accelerator != "cpu" and not (accelerator == "auto" and not torch.cuda.is_available()):
-        return "bf16-mixed"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16-mixed" if native else "32-true"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "32-true"
+    return "bf16-mixed"
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, run_dir: Path, **loaders: Any) -> None:

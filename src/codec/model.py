@@ -187,10 +187,13 @@ class FSQ(nn.Module):
         digits = torch.round(rounded).long() + self.half_width
         return (digits * self.basis).sum(-1)
 
+    def digits(self, codes: Tensor) -> Tensor:
+        """codes LongTensor [...] -> each code's digits [..., D], digit i in [0, levels[i])."""
+        return (codes.unsqueeze(-1) // self.basis) % self.levels
+
     def codes_to_latent(self, codes: Tensor) -> Tensor:
         """codes LongTensor [...] -> quantized latents [..., D] in [-1, 1]."""
-        digits = (codes.unsqueeze(-1) // self.basis) % self.levels
-        return (digits - self.half_width) / self.half_width
+        return (self.digits(codes) - self.half_width) / self.half_width
 
     def codebook(self) -> Tensor:
         """Every code's quantized latent, [codebook_size, D]: a lookup table for export."""

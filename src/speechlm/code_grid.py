@@ -21,6 +21,7 @@ stock LlamaForCausalLM with the same outputs (TRL, PEFT, the MAX exporter and th
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -29,21 +30,21 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from transformers import LlamaForCausalLM
 
+from voxlm.codec.model import FSQ
+
 
 class CodeGrid(nn.Module):
     """weight -> weight with the code block's rows plus the sums of their digits' table rows."""
 
     def __init__(self, levels: Sequence[int], code_offset: int, hidden_size: int, init_std: float) -> None:
         super().__init__()
-        levels_t = torch.tensor([int(level) for level in levels], dtype=torch.long)
-        self.codebook_size = math.prod(int(level) for level in levels)
-        self.code_offset = int(code_offset)
-        # The codec's mixed radix (voxlm.codec.model.FSQ): digit i of code c is (c // basis_i) % levels_i.
-        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), levels_t[:-1]]), 0)
-        digits = (torch.arange(self.codebook_size)[:, None] // basis) % levels_t
-        first_row = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), levels_t[:-1]]), 0)
+        levels = [int(level) for level in levels]
+        fsq = FSQ(levels)  # the codec's own mixed radix: which digit of each level a code has
+        self.codebook_size, self.code_offset = fsq.codebook_size, int(code_offset)
+        digits = fsq.digits(torch.arange(self.codebook_size))
+        first_row = torch.tensor([0, *itertools.accumulate(levels[:-1])])  # digit i's rows start here
         self.register_buffer("table_rows", digits + first_row, persistent=False)  # [codes, digits]
-        self.table = nn.Parameter(torch.randn(int(levels_t.sum()), hidden_size) * init_std)
+        self.table = nn.Parameter(torch.randn(sum(levels), hidden_size) * init_std)
 
     def forward(self, weight: Tensor) -> Tensor:
         start, end = self.code_offset, self.code_offset + self.codebook_size
@@ -73,9 +74,9 @@ def add_code_grid(model: LlamaForCausalLM, levels: Sequence[int], code_offset: i
     return grid
 
 
-def has_code_grid(model: nn.Module) -> bool:
-    embed = model.get_input_embeddings()
-    return parametrize.is_parametrized(embed, "weight")
+def has_code_grid(model: LlamaForCausalLM) -> bool:
+    """Whether the model's embedding trains through a code grid (not yet folded)."""
+    return parametrize.is_parametrized(model.get_input_embeddings(), "weight")
 
 
 @torch.no_grad()
