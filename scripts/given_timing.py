@@ -3,10 +3,12 @@
 
 For each evaluation sentence (the first `eval.max_utterances` of each condition, with eval_tts's voice
 prompts and sampling): the ground-truth recording's codes, the model speaking freely, the model speaking
-with the recording's character timings, and the model predicting each of the recording's codes from the
-recording's own history (teacher forced; voxlm.eval.given_timing). Each is decoded by the codec and
-transcribed by Whisper tiny.en; the codec's CTC head also reads characters off the codes (a character error
-rate that needs no audio). Writes given_timing.md and .json to eval.out.
+with the recording's character timings, the model predicting each of the recording's codes from the
+recording's own history (teacher forced; voxlm.eval.given_timing), and the same with the sentence's spoken
+characters shuffled (its control: at 100 codes/s the history alone predicts much of each code, so only the
+difference between the two says how much of the teacher-forced speech comes from the text). Each is decoded
+by the codec and transcribed by Whisper tiny.en; the codec's CTC head also reads characters off the codes (a
+character error rate that needs no audio). Writes given_timing.md and .json to eval.out.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
 from voxlm.speechlm.model import load_speechlm
 
 log = logging.getLogger("given_timing")
-WAYS = ("ground_truth", "free", "given_timing", "teacher_forced")
+WAYS = ("ground_truth", "free", "given_timing", "teacher_forced", "teacher_forced_shuffled")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval_tts")
@@ -47,6 +49,7 @@ def main(cfg: DictConfig) -> None:
     sampling = SamplingConfig(**OmegaConf.to_container(ev.sampling))
     generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None
     judge = WhisperJudge()
+    shuffle = np.random.default_rng(int(ev.seed))
     rate, table, report = codec.frame_rate, {}, {"speechlm_run": str(ev.speechlm_run), "conditions": {}}
     for name, condition in ev.conditions.items():
         cases = build_cases(cfg.data, condition.split, condition.reference_split, codec.sample_rate,
@@ -61,6 +64,7 @@ def main(cfg: DictConfig) -> None:
                 log.warning("%s: the CTC head cannot align '%s' to its recording; left out", case.id, text)
                 continue
             prompt, chars = case_prompt(tok, codec, case), tok.spoken_char_ids(text)
+            shuffled = [int(c) for c in shuffle.permutation(chars)]
             limit = frame_limit(len(tok.encode_text(text)), ev.length.base_seconds * rate,
                                 ev.length.seconds_per_text_token * rate)
             codes = {"ground_truth": torch.from_numpy(truth),
@@ -68,7 +72,9 @@ def main(cfg: DictConfig) -> None:
                      "given_timing": codes_at_timings(model, tok, prompt, chars, starts, len(truth), sampling,
                                                       generator),
                      "teacher_forced": codes_teacher_forced(model, tok, prompt, chars, starts, truth,
-                                                            sampling, generator)}
+                                                            sampling, generator),
+                     "teacher_forced_shuffled": codes_teacher_forced(model, tok, prompt, shuffled, starts,
+                                                                     truth, sampling, generator)}
             reference = spoken_characters(text, head.alphabet)
             texts.append(case.text)
             for way, said in codes.items():

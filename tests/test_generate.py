@@ -35,7 +35,8 @@ from voxlm.speechlm.generate import (
     stream_codes,
 )
 from voxlm.speechlm.model import build_model
-from voxlm.speechlm.sequences import generation_start, tts_prompt, unconditional_prompt
+from voxlm.speechlm.module import own_codes
+from voxlm.speechlm.sequences import IGNORE, generation_start, tts_prompt, tts_sequence, unconditional_prompt
 from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
 from voxlm.speechlm.voices import Voice, encode_voice, list_voices, load_voice, save_voice
 
@@ -450,6 +451,37 @@ def test_teacher_forcing_predicts_each_code_from_the_recordings_history(spoken_t
     assert codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], free.numpy(), GREEDY).equal(free)
     with pytest.raises(ValueError, match="no code for the last character"):
         codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], recording[:3], GREEDY)
+
+
+def test_scheduled_sampling_puts_the_models_own_codes_into_the_targets_history(tok: SpeechTokenizer) -> None:
+    """voxlm.speechlm.module.own_codes on the bigram model c -> c+1 (mod 10): a voice prompt of c3s, then a
+    target of 200 c0s. Each replaced code is what the model says after the code before it: c4 after the
+    prompt's last c3, c1 after a c0; a second pass samples after the first pass's codes (c5 after c4, c2 after
+    c1). Unlabelled prompt codes, text and [speech_end] stay."""
+    successor = {code(tok, c): code(tok, (c + 1) % 10) for c in range(10)}
+    model = bigram_lm(tok, successor)
+    example = tts_sequence(tok, "Hello.", np.zeros(200, np.int64), "Ref.", np.full(6, 3))
+    ids, labels = torch.from_numpy(example.input_ids)[None], torch.from_numpy(example.labels)[None]
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    target = (labels != IGNORE) & (ids >= tok.code_offset) & (ids < tok.code_offset + CODEBOOK)
+    first = int(target[0].nonzero()[0])
+
+    def sampled(share: float, passes: int) -> torch.Tensor:
+        return own_codes(model, batch, tok.code_offset, CODEBOOK, share, 0.8, 50, passes)
+
+    torch.manual_seed(0)
+    once = sampled(1.0, 1)
+    assert torch.equal(once[~target], ids[~target])
+    assert once[0, first] == code(tok, 4)
+    assert (once[0, first + 1:][target[0, first + 1:]] == code(tok, 1)).all()
+    twice = sampled(1.0, 2)
+    assert twice[0, first: first + 3].tolist() == [code(tok, 4), code(tok, 5), code(tok, 2)]
+    assert (twice[0, first + 2:][target[0, first + 2:]] == code(tok, 2)).all()
+    half = sampled(0.5, 1)
+    replaced = half != ids
+    assert not replaced[~target].any() and (half[replaced] == once[replaced]).all()
+    assert 0.4 < float(replaced[target].float().mean()) < 0.6
+    assert torch.equal(sampled(1e-9, 3), ids)  # nothing drawn: the history stays the recording's
 
 
 # --- voices ------------------------------------------------------------------------------------------------

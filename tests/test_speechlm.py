@@ -552,6 +552,24 @@ def test_guided_attention_trains_the_heads_onto_the_diagonal(tok: SpeechTokenize
     assert float(guided_loss) < float(first) * 0.6, (float(first), float(guided_loss))
 
 
+def test_scheduled_sampling_share_ramps_up_and_bad_settings_are_refused(tok: SpeechTokenizer) -> None:
+    model = build_model(preset("tiny").model, len(tok), tok.layout.special_ids)
+    optim = dict(preset("tiny").sft.optim)
+    preset_sampling = OmegaConf.to_container(preset("tiny").sft.scheduled_sampling)
+    sampling = {**preset_sampling, "share": 0.6, "ramp_steps": 4}
+    module = SpeechLMModule(hf_config_dict(model), optim, 10, layout=asdict(tok.layout), model=model,
+                            scheduled_sampling=sampling)
+    assert [module.own_code_share(step) for step in (0, 2, 4, 9)] == pytest.approx([0.0, 0.3, 0.6, 0.6])
+    flat = SpeechLMModule(hf_config_dict(model), optim, 10, layout=asdict(tok.layout), model=model,
+                          scheduled_sampling={**sampling, "ramp_steps": 0})
+    assert flat.own_code_share(0) == 0.6
+    with pytest.raises(ValueError, match=r"share must lie in \(0, 1\]"):
+        SpeechLMModule(hf_config_dict(model), optim, 10, layout=asdict(tok.layout), model=model,
+                       scheduled_sampling={**sampling, "share": 1.5})
+    with pytest.raises(ValueError, match="needs the vocabulary layout"):
+        SpeechLMModule(hf_config_dict(model), optim, 10, model=model, scheduled_sampling=sampling)
+
+
 def test_phrase_examples_are_a_few_words_with_their_codes(tok: SpeechTokenizer, tmp_path: Path) -> None:
     text = "She sells sea shells by the sea shore."
     codes = np.arange(80) % CODEBOOK

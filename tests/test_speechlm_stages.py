@@ -283,6 +283,7 @@ def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain
     hparams = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)[
         "hyper_parameters"]
     assert hparams["code_grid"] is None and hparams["code_noise"] == 0.2
+    assert hparams["scheduled_sampling"]["share"] == 0.3 and hparams["scheduled_sampling"]["passes"] == 2
     base = load_file(pretrain_run / "hf/model.safetensors")
     merged = load_file(run / "hf/model.safetensors")
     assert merged.keys() == base.keys()  # no lora_A/lora_B, no PEFT prefixes

@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from voxlm.codec.module import lr_factor
 from voxlm.speechlm.alignment import guided_attention_loss, text_speech_spans
 from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid
+from voxlm.speechlm.generate import filter_top_k
 
 
 def hf_config_dict(model: LlamaForCausalLM) -> dict[str, Any]:
@@ -60,6 +61,35 @@ def noisy_codes(input_ids: Tensor, code_offset: int, codebook_size: int, share: 
     return torch.where(replace, random_codes, input_ids)
 
 
+@torch.no_grad()
+def own_codes(model: torch.nn.Module, batch: dict[str, Any], code_offset: int, codebook_size: int,
+              share: float, temperature: float, top_k: int | None, passes: int = 1) -> Tensor:
+    """input_ids with each labelled code replaced, with probability `share`, by the code the model samples
+    at that position (parallel scheduled sampling: Bengio et al. 2015, Duckworth et al. 2019).
+
+    Taught only from true histories, the model meets its own codes first when it speaks, and at 100 codes/s
+    each code leans on the last few: teacher forced its codes read almost as well as the recording's, freely
+    they drift (docs/benchmarks.md, "where the speech goes wrong"). Here a share of the history is what the
+    model itself would have said, drawn as generation draws (temperature, top-k over the code block), while
+    the labels keep the true codes: it learns to get back on track from its own slips. Each pass samples
+    from the previous pass's history, so later passes put the model's errors after its own errors too.
+    Only codes that carry a label are replaced: a voice prompt's codes stay the real recording's.
+    """
+    input_ids = batch["input_ids"]
+    mixed = input_ids
+    is_code = (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
+    target = is_code[:, 1:] & (batch["labels"][:, 1:] != -100)
+    replace = target & (torch.rand(target.shape, device=input_ids.device) < share)
+    for _ in range(passes):
+        logits = model(input_ids=mixed, attention_mask=batch["attention_mask"]).logits
+        code_logits = logits[:, :-1, code_offset: code_offset + codebook_size].float()
+        flat = filter_top_k(code_logits.reshape(-1, codebook_size) / temperature, top_k)
+        sampled = torch.multinomial(flat.softmax(dim=-1), 1).view(target.shape) + code_offset
+        mixed = input_ids.clone()
+        mixed[:, 1:] = torch.where(replace, sampled, input_ids[:, 1:])
+    return mixed
+
+
 class SpeechLMModule(L.LightningModule):
     """The SpeechLM and its training recipe.
 
@@ -69,21 +99,31 @@ class SpeechLMModule(L.LightningModule):
     `guided_attention` section (voxlm.speechlm.alignment: weight, sigma, layers, heads; weight 0 or no
     section: off); code_grid: {"levels": the codec's FSQ levels, "init_std": the tables' initial scale} to
     train the code rows through voxlm.speechlm.code_grid (None: off); code_noise: the share of input codes
-    replaced by random codes in training steps (`noisy_codes`; 0: off). `model` (not a hyperparameter) gives
-    the initial weights, e.g. a pretrained folder's; without it the model is built from model_config, as
-    load_from_checkpoint does before loading them.
+    replaced by random codes in training steps (`noisy_codes`; 0: off); scheduled_sampling: {"share",
+    "ramp_steps", "temperature", "top_k", "passes"} to train on a share of the model's own codes
+    (`own_codes`; the share grows linearly from 0 over ramp_steps; share 0 or None: off). `model` (not a
+    hyperparameter) gives the initial weights, e.g. a pretrained folder's; without it the model is built from
+    model_config, as load_from_checkpoint does before loading them.
     """
 
     def __init__(self, model_config: dict[str, Any], optim_cfg: dict[str, Any], max_steps: int,
                  lora_cfg: dict[str, Any] | None = None, layout: dict[str, Any] | None = None,
                  model: LlamaForCausalLM | None = None, guided_cfg: dict[str, Any] | None = None,
-                 code_grid: dict[str, Any] | None = None, code_noise: float = 0.0) -> None:
+                 code_grid: dict[str, Any] | None = None, code_noise: float = 0.0,
+                 scheduled_sampling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.optim_cfg, self.max_steps = optim_cfg, int(max_steps)
         self.code_noise = float(code_noise)
         if self.code_noise and not layout:
             raise ValueError("code noise needs the vocabulary layout (where the code block is)")
+        self.scheduled_sampling = sampling = scheduled_sampling or {}
+        if sampling.get("share"):
+            if not layout:
+                raise ValueError("scheduled sampling needs the vocabulary layout (where the code block is)")
+            if not 0 < float(sampling["share"]) <= 1 or int(sampling["passes"]) < 1:
+                raise ValueError(f"scheduled_sampling={sampling}: the share must lie in (0, 1] and passes "
+                                 "be at least 1")
         self.lora_enabled = bool(lora_cfg and lora_cfg.get("enabled"))
         self.guided_cfg = guided_cfg or {}
         self.guided_weight = float(self.guided_cfg.get("weight") or 0.0)
@@ -172,8 +212,21 @@ class SpeechLMModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
 
+    def own_code_share(self, step: int) -> float:
+        """The scheduled-sampling share at an optimizer step: linear from 0 over ramp_steps, then flat."""
+        share = float(self.scheduled_sampling.get("share") or 0.0)
+        ramp = int(self.scheduled_sampling.get("ramp_steps") or 0)
+        return share * min(1.0, step / ramp) if ramp > 0 else share
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         batch_size = len(batch["input_ids"])
+        share = self.own_code_share(self.global_step)
+        if share > 0:
+            layout, cfg = self.hparams.layout, self.scheduled_sampling
+            batch = {**batch, "input_ids": own_codes(
+                self.model, batch, layout["code_offset"], layout["codebook_size"], share,
+                float(cfg["temperature"]), cfg.get("top_k"), int(cfg["passes"]))}
+            self.log("train/own_code_share", share, batch_size=batch_size)
         if self.code_noise:
             layout = self.hparams.layout
             batch = {**batch, "input_ids": noisy_codes(batch["input_ids"], layout["code_offset"],

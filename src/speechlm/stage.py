@@ -86,9 +86,10 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> None:
     model = build_model(cfg.speechlm.model, len(tok), tok.layout.special_ids)
     module = SpeechLMModule(hf_config_dict(model), config_dict(recipe.optim), int(cfg.stage.max_steps),
                             layout=asdict(tok.layout), model=model,
-                            guided_cfg=guided_attention_config(recipe),
+                            guided_cfg=recipe_section(recipe, "guided_attention"),
                             code_grid=code_grid_config(cfg.speechlm.model, fresh=True),
-                            code_noise=float(recipe.get("code_noise") or 0.0))
+                            code_noise=float(recipe.get("code_noise") or 0.0),
+                            scheduled_sampling=recipe_section(recipe, "scheduled_sampling"))
     data = PretrainData(train_shards, val_shards, tok, recipe, seed=int(cfg.seed), texts=texts)
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, datamodule=data)
@@ -116,11 +117,12 @@ def run_sft(cfg: DictConfig, run_dir: Path) -> None:
         attn_implementation=cfg.speechlm.model.get("attn_implementation", "sdpa")).train()
     module = SpeechLMModule(hf_config_dict(model), config_dict(recipe.optim), int(cfg.stage.max_steps),
                             lora_cfg=config_dict(cfg.speechlm.lora), layout=asdict(tok.layout), model=model,
-                            guided_cfg=guided_attention_config(recipe),
+                            guided_cfg=recipe_section(recipe, "guided_attention"),
                             # LoRA trains adapters only: a grid-pretrained model is already folded.
                             code_grid=None if cfg.speechlm.lora.enabled
                             else code_grid_config(cfg.speechlm.model, fresh=False),
-                            code_noise=float(recipe.get("code_noise") or 0.0))
+                            code_noise=float(recipe.get("code_noise") or 0.0),
+                            scheduled_sampling=recipe_section(recipe, "scheduled_sampling"))
     train_loader, val_loader = sft_loaders(train_shards, val_shards, tok, recipe, int(cfg.seed))
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, train_dataloaders=train_loader, val_dataloaders=val_loader)
@@ -348,7 +350,7 @@ def code_grid_config(model_cfg: DictConfig, fresh: bool) -> dict[str, Any] | Non
     return {"levels": [int(level) for level in levels], "init_std": init_std}
 
 
-def guided_attention_config(recipe: DictConfig) -> dict[str, Any] | None:
-    """The recipe's guided_attention section as a plain dict (None: the recipe has none)."""
-    section = recipe.get("guided_attention")
+def recipe_section(recipe: DictConfig, name: str) -> dict[str, Any] | None:
+    """One section of the recipe (guided_attention, scheduled_sampling) as a plain dict (None: absent)."""
+    section = recipe.get(name)
     return config_dict(section) if section is not None else None
