@@ -30,6 +30,7 @@ from voxlm.codec.module import lr_factor
 from voxlm.speechlm.alignment import guided_attention_loss, text_speech_spans
 from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid
 from voxlm.speechlm.generate import filter_top_k
+from voxlm.speechlm.sequences import IGNORE
 
 
 def hf_config_dict(model: LlamaForCausalLM) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def own_codes(model: torch.nn.Module, batch: dict[str, Any], code_offset: int, c
     input_ids = batch["input_ids"]
     mixed = input_ids
     is_code = (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
-    target = is_code[:, 1:] & (batch["labels"][:, 1:] != -100)
+    target = is_code[:, 1:] & (batch["labels"][:, 1:] != IGNORE)
     replace = target & (torch.rand(target.shape, device=input_ids.device) < share)
     for _ in range(passes):
         logits = model(input_ids=mixed, attention_mask=batch["attention_mask"]).logits
@@ -285,7 +286,7 @@ class SpeechLMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The model's loss is a mean over this batch's labelled tokens (after the shift); weighting it by
         # their count makes val/loss the mean over every token of the validation set.
-        count = (batch["labels"][:, 1:] != -100).sum()
+        count = (batch["labels"][:, 1:] != IGNORE).sum()
         if count == 0:
             return
         self._val_sum += self(batch).double() * count
