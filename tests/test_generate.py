@@ -392,6 +392,29 @@ def test_interleaved_rows_are_fed_their_characters_in_order(tok: SpeechTokenizer
         generate_codes(model, spoken_tok, rows[:1], 50, GREEDY, spoken=[[]])
 
 
+def test_advance_rate_sets_the_pace_of_an_interleaved_model(tok: SpeechTokenizer,
+                                                           spoken_tok: SpeechTokenizer) -> None:
+    """'h' -> c1; c1 -> <|advance|> (logit 64) or c4 (32); 'i' -> c3. At the model's own odds it says c1 c3.
+    Scaling the odds of moving on by e^-20 leaves <|advance|> ahead (44 > 32); by e^-40 the model dwells on
+    'h' and says c4, where the length guard (2 codes) stops it."""
+    h, i = spoken_tok.char_ids["h"], spoken_tok.char_ids["i"]
+    model = bigram_lm(spoken_tok, {h: code(spoken_tok, 1), code(spoken_tok, 1): spoken_tok.advance_id,
+                                   i: code(spoken_tok, 3), code(spoken_tok, 3): spoken_tok.speech_end_id})
+    second_choice(model, after=code(spoken_tok, 1), token=code(spoken_tok, 4))
+    prompt, spoken = tts_prompt(spoken_tok, "hi"), [spoken_tok.spoken_char_ids("hi")]
+
+    def said(rate: float) -> list[int]:
+        sampling = SamplingConfig(do_sample=False, advance_rate=rate)
+        return generate_codes(model, spoken_tok, [prompt], 2, sampling, spoken=spoken).codes[0].tolist()
+
+    assert said(1.0) == [1, 3] and said(math.exp(-20)) == [1, 3]
+    assert said(math.exp(-40)) == [1, 4]
+    with pytest.raises(ValueError, match="sets the pace of interleaved SpeechLMs"):
+        generate_codes(tiny_lm(tok), tok, [tts_prompt(tok, "Hi!")], 5, SamplingConfig(advance_rate=0.5))
+    with pytest.raises(ValueError, match="must be positive"):
+        SamplingConfig(advance_rate=0.0)
+
+
 def test_lookahead_rows_are_fed_ahead_and_told_where_each_character_begins(tok: SpeechTokenizer) -> None:
     """Lookahead 1, "hii": [h, i] follow the prompt, the first <|advance|> brings the last 'i', the second
     brings <|advance|> itself. 'i' -> c5; c5 -> [speech_end] (preferred) or <|advance|>; <|advance|> -> c2;

@@ -175,6 +175,8 @@ def test_leading_silence_is_trimmed_within_its_budget(artifact_dir: Path, tiny_v
     engine = Engine(backend, config, SamplingConfig(do_sample=False, repetition_window=8))
     with pytest.raises(ValueError, match="does not run classifier-free guidance"):
         Engine(backend, config, SamplingConfig(do_sample=False, repetition_window=8, cfg_scale=2.0))
+    with pytest.raises(ValueError, match="draw <\\|advance\\|> at the model's own odds"):
+        Engine(backend, config, SamplingConfig(do_sample=False, repetition_window=8, advance_rate=0.7))
     rate, frame = backend.codec.sample_rate, engine.frame_length
     recording = speech["slt_a"][0]
     onset = silence_trim_reference(recording, frame, config.silence_threshold_db, 0).start

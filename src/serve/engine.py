@@ -166,6 +166,10 @@ class Engine:
             raise ValueError(f"sampling.cfg_scale={sampling.cfg_scale}: the server does not run "
                              "classifier-free guidance (its batches hold no textless rows); serve with "
                              "cfg_scale 1.0, or use synth.py for guided speech")
+        if sampling.advance_rate != 1.0:
+            raise ValueError(f"sampling.advance_rate={sampling.advance_rate}: the server's samplers (torch "
+                             "and the Mojo kernel) draw <|advance|> at the model's own odds; serve with "
+                             "advance_rate 1.0, or use synth.py for a slower pace")
         self.backend = backend
         self.config = config
         self.sampling = sampling

@@ -52,10 +52,16 @@ class SamplingConfig:
     repetition_window: int | None = None  # None: every code generated so far; 0: none
     seed: int | None = None           # None: torch's global generator
     cfg_scale: float = 1.0            # classifier-free guidance on the text (`guide`); 1: off
+    # Interleaved models: the odds of <|advance|> against every other token are multiplied by this before
+    # the temperature; below 1 the model dwells longer on each character (slower speech). 1: off.
+    advance_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"bad sampling settings: {self}")
+        if self.advance_rate <= 0:
+            raise ValueError(f"advance_rate={self.advance_rate}: it scales the odds of moving on, so it must "
+                             "be positive (1.0: off; below 1: slower speech)")
         if self.cfg_scale < 1:
             raise ValueError(f"cfg_scale={self.cfg_scale}: guidance scales start at 1.0 (off); a scale below "
                              "would steer toward speech that ignores the text")
@@ -209,12 +215,16 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     `tok.spoken_char_ids(text)`, for an interleaved tokenizer only. The model should be in eval mode; it is
     run as given. With `sampling.cfg_scale` > 1 each prompt gets a second row, its speech without the text
     (`unconditional_prompt`), which is fed the same codes, and the codes are drawn from `guide`.
+    `sampling.advance_rate` sets an interleaved model's pace.
     """
     if not chunk_frames or min(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be positive sizes, got {list(chunk_frames)}")
     if tok.interleaved != (spoken is not None):
         raise ValueError("an interleaved SpeechLM needs each row's spoken characters (spoken=), and only it"
                          if tok.interleaved else "spoken= is for interleaved SpeechLMs; this one is plain")
+    if sampling.advance_rate != 1.0 and not tok.interleaved:
+        raise ValueError(f"sampling.advance_rate={sampling.advance_rate} sets the pace of interleaved "
+                         "SpeechLMs (the odds of <|advance|>); this one is plain: leave it at 1.0")
     device = model.device
     batch, guided = len(prompts), sampling.cfg_scale != 1.0
     unconditional = [unconditional_prompt(tok, np.asarray(p)) for p in prompts] if guided else []
@@ -241,6 +251,9 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)[None].repeat(batch, 1)
+    pace = torch.zeros(out.logits.shape[-1], device=device)  # log-odds added to every row's logits
+    if tok.interleaved:
+        pace[tok.advance_id] = math.log(sampling.advance_rate)
     unguided = out.logits[batch:, -1].float()  # the unconditional rows' latest logits (guided only)
     if feeds is not None:
         feeds, num_feeds = feeds.to(device), num_feeds.to(device)
@@ -258,7 +271,7 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         if feeds is not None:
             more = next_feed < num_feeds
             allowed[:, tok.advance_id], allowed[:, tok.speech_end_id] = more, ~more
-        logits = out.logits[:batch, -1].float()
+        logits = out.logits[:batch, -1].float() + pace
         if guided:
             logits = guide(logits, unguided, allowed, tok, sampling.cfg_scale)
         token = next_tokens(logits, allowed, recent, sampling, generator)
