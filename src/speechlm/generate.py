@@ -251,8 +251,9 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     allowed = allowed_tokens(tok, out.logits.shape[-1]).to(device)[None].repeat(batch, 1)
-    pace = torch.zeros(out.logits.shape[-1], device=device)  # log-odds added to every row's logits
-    if tok.interleaved:
+    pace = None  # log-odds added to every row's logits when a pace is set
+    if sampling.advance_rate != 1.0:
+        pace = torch.zeros(out.logits.shape[-1], device=device)
         pace[tok.advance_id] = math.log(sampling.advance_rate)
     unguided = out.logits[batch:, -1].float()  # the unconditional rows' latest logits (guided only)
     if feeds is not None:
@@ -271,7 +272,9 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         if feeds is not None:
             more = next_feed < num_feeds
             allowed[:, tok.advance_id], allowed[:, tok.speech_end_id] = more, ~more
-        logits = out.logits[:batch, -1].float() + pace
+        logits = out.logits[:batch, -1].float()
+        if pace is not None:
+            logits = logits + pace
         if guided:
             logits = guide(logits, unguided, allowed, tok, sampling.cfg_scale)
         token = next_tokens(logits, allowed, recent, sampling, generator)

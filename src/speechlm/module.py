@@ -48,6 +48,11 @@ def add_lora(model: LlamaForCausalLM, lora_cfg: dict[str, Any]) -> torch.nn.Modu
     return get_peft_model(model, config)
 
 
+def is_code(input_ids: Tensor, code_offset: int, codebook_size: int) -> Tensor:
+    """BoolTensor: where input_ids hold codes (the code block)."""
+    return (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
+
+
 def noisy_codes(input_ids: Tensor, code_offset: int, codebook_size: int, share: float) -> Tensor:
     """input_ids with each code token replaced, with probability `share`, by a code drawn uniformly.
 
@@ -56,8 +61,8 @@ def noisy_codes(input_ids: Tensor, code_offset: int, codebook_size: int, share: 
     its own codes are off; with some of its history made wrong it must take the next code from the text and
     the longer context too (what Tacotron's always-on pre-net dropout does for spectrogram frames).
     """
-    is_code = (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
-    replace = is_code & (torch.rand(input_ids.shape, device=input_ids.device) < share)
+    replace = is_code(input_ids, code_offset, codebook_size) & (
+        torch.rand(input_ids.shape, device=input_ids.device) < share)
     random_codes = torch.randint_like(input_ids, code_offset, code_offset + codebook_size)
     return torch.where(replace, random_codes, input_ids)
 
@@ -76,18 +81,15 @@ def own_codes(model: torch.nn.Module, batch: dict[str, Any], code_offset: int, c
     from the previous pass's history, so later passes put the model's errors after its own errors too.
     Only codes that carry a label are replaced: a voice prompt's codes stay the real recording's.
     """
-    input_ids = batch["input_ids"]
-    mixed = input_ids
-    is_code = (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
-    target = is_code[:, 1:] & (batch["labels"][:, 1:] != IGNORE)
+    input_ids = mixed = batch["input_ids"]
+    target = is_code(input_ids[:, 1:], code_offset, codebook_size) & (batch["labels"][:, 1:] != IGNORE)
     replace = target & (torch.rand(target.shape, device=input_ids.device) < share)
     for _ in range(passes):
         logits = model(input_ids=mixed, attention_mask=batch["attention_mask"]).logits
         code_logits = logits[:, :-1, code_offset: code_offset + codebook_size].float()
         flat = filter_top_k(code_logits.reshape(-1, codebook_size) / temperature, top_k)
         sampled = torch.multinomial(flat.softmax(dim=-1), 1).view(target.shape) + code_offset
-        mixed = input_ids.clone()
-        mixed[:, 1:] = torch.where(replace, sampled, input_ids[:, 1:])
+        mixed = torch.cat([input_ids[:, :1], torch.where(replace, sampled, input_ids[:, 1:])], dim=1)
     return mixed
 
 
