@@ -17,14 +17,12 @@ import logging
 from pathlib import Path
 
 import hydra
-import jiwer
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from voxlm.codec.align import load_ctc_head, read_characters, transcript_timings
-from voxlm.codec.losses import spoken_characters
+from voxlm.codec.align import character_error, load_ctc_head, transcript_timings
 from voxlm.codec.module import load_codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import WhisperJudge, corpus_wer
@@ -75,13 +73,11 @@ def main(cfg: DictConfig) -> None:
                                                             sampling, generator),
                      "teacher_forced_shuffled": codes_teacher_forced(model, tok, prompt, shuffled, starts,
                                                                      truth, sampling, generator)}
-            reference = spoken_characters(text, head.alphabet)
             texts.append(case.text)
             for way, said in codes.items():
                 audio = decode_codes(codec, said)
                 results[way]["hypotheses"].append(judge.transcribe_one(audio, codec.sample_rate))
-                results[way]["cer"].append(jiwer.cer(reference, read_characters(head, codec.quantizer,
-                                                                                 said.numpy())))
+                results[way]["cer"].append(character_error(head, codec.quantizer, said.numpy(), text))
                 results[way]["duration"].append(len(said) / len(truth))
         rows = {f"{name}/{way}": {"n": len(texts), "wer": corpus_wer(texts, r["hypotheses"]),
                                   "ctc_cer": float(np.mean(r["cer"])),

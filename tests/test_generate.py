@@ -338,6 +338,7 @@ def test_rows_stop_at_speech_end_independently(tok: SpeechTokenizer) -> None:
         generated = generate_codes(model, tok, rows, 50, sampling)
         assert [c.tolist() for c in generated.codes] == [[6, 7, 8, 9], list(range(10))]
         assert generated.truncated == [False, False]
+        assert generated.tokens[0].tolist() == [code(tok, c) for c in (6, 7, 8, 9)] + [tok.speech_end_id]
     chunks = list(stream_codes(model, tok, rows, 50, GREEDY, chunk_frames=[3]))
     assert [c.finished for c in chunks] == [[False, False], [True, False], [True, False], [True, True]]
     assert [len(c.codes[0]) for c in chunks] == [3, 1, 0, 0]
@@ -352,6 +353,7 @@ def test_length_guard_cuts_a_model_that_never_stops(tok: SpeechTokenizer) -> Non
     generated = generate_codes(model, tok, rows, [7, 3], SamplingConfig(seed=0))
     assert [c.tolist() for c in generated.codes] == [[0, 1, 2, 0, 1, 2, 0], [0, 1, 2]]
     assert generated.truncated == [True, True]
+    assert generated.tokens[1].tolist() == [code(tok, c) for c in (0, 1, 2)]  # cut: no [speech_end]
     # The model's context caps the budget as well.
     model.config.max_position_embeddings = len(rows[0]) + 4
     capped = generate_codes(model, tok, rows[:1], 100, GREEDY)
@@ -380,6 +382,9 @@ def test_interleaved_rows_are_fed_their_characters_in_order(tok: SpeechTokenizer
     assert spoken[0] == [h, i]
     generated = generate_codes(model, spoken_tok, rows, 50, GREEDY, spoken=spoken)
     assert generated.codes[0].tolist() == [5, 2] and generated.truncated == [False, False]
+    # As the model read it: 'h' was in the prompt; the <|advance|> after c5 was read as 'i'.
+    assert generated.tokens[0].tolist() == [code(spoken_tok, 5), i, code(spoken_tok, 2),
+                                            spoken_tok.speech_end_id]
     said = generated.codes[1].tolist()
     assert said[0] == 5 and said.count(2) == 2 and said[-1] == 2, said
     alone = generate_codes(model, spoken_tok, rows[:1], 50, SamplingConfig(seed=0), spoken=spoken[:1])
@@ -433,6 +438,7 @@ def test_lookahead_rows_are_fed_ahead_and_told_where_each_character_begins(tok: 
     spoken = [spoken_tok.spoken_char_ids("hii")] * 2
     generated = generate_codes(model, spoken_tok, rows, 50, GREEDY, spoken=spoken)
     assert [c.tolist() for c in generated.codes] == [[5, 5, 2]] * 2 and generated.truncated == [False] * 2
+    assert generated.tokens[0].tolist() == [c5, i, c5, adv, c2, end]  # the last <|advance|> is read as itself
 
 
 def test_given_timings_feed_each_character_at_its_frame(tok: SpeechTokenizer,

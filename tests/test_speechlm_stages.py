@@ -96,8 +96,8 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
     to end on the tiny corpus: pretrain and SFT on phonemes interleaved with their codes at timings read off
     the letters' alignment (unit tests cover letters), synth.py speaks through the codec, export
     passes its parity gate, the MAX engine streams what offline generation makes when fed the same
-    characters, the HTTP server speaks and refuses a text with no letter, RLHF refuses the format by name,
-    and text_use scores it."""
+    characters, the HTTP server speaks and refuses a text with no letter, DPO aligns it (GRPO refuses it by
+    name), and text_use scores it."""
     spoken = ("speechlm.tokenizer.interleave=true", "speechlm.tokenizer.lookahead=2",
               "speechlm.tokenizer.spoken=phonemes")
     train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
@@ -163,11 +163,23 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
     finally:
         server.stop()
 
-    aligned = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=rlhf", "experiment=tiny",
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=rlhf", "experiment=tiny",
                               f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
-                              "run_name=spoken", "stage.sft_run=spoken"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=300)
-    assert aligned.returncode != 0 and "which RLHF does not align yet" in aligned.stderr
+                              "run_name=spoken", "stage.sft_run=spoken", "algorithm=grpo"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert refused.returncode != 0 and "Use algorithm=dpo" in refused.stderr
+    train(workspace, tiny_corpus, "rlhf", "run_name=spoken", "stage.sft_run=spoken", "algorithm=dpo",
+          "algorithm.max_steps=2", "algorithm.batch_size=2", "algorithm.num_generations=3",
+          "stage.prompts.max_prompts=4", "algorithm.warmup_steps=0", "stage.evaluate.enabled=false",
+          "algorithm.min_reward_gap=0.0")  # a 4-step model's candidates all sound alike to the judges
+    aligned = workspace / "runs/rlhf/spoken"
+    pairs = [json.loads(line) for line in (aligned / "preferences.jsonl").read_text().splitlines()]
+    fed = set(tok.char_ids.values())
+    # The pairs hold what the model read: its prompt with the first characters, the rest fed in the speech.
+    assert pairs and all(p["prompt_ids"][-4] == tok.voice_end_id and set(p["prompt_ids"][-3:]) <= fed
+                         for p in pairs)
+    assert any(fed & set(p["chosen_ids"]) for p in pairs)
+    assert len(changed_weights(aligned, sft)) > 10
     model = AutoModelForCausalLM.from_pretrained(sft / "hf", local_files_only=True)
     use = text_use(model, tok, train_shards, count=4)
     assert len(use.ids) == 4 and all(np.isfinite(use.losses[c]).all() for c in use.losses)

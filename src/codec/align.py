@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jiwer
 import numpy as np
 import torch
 from torchaudio.functional import forced_align, merge_tokens
 
-from voxlm.codec.losses import CTCHead
+from voxlm.codec.losses import CTCHead, spoken_characters
 from voxlm.codec.model import FSQ
 
 
@@ -52,6 +53,12 @@ def read_characters(head: CTCHead, quantizer: FSQ, codes: np.ndarray) -> str:
     best = code_log_probs(head, quantizer, codes).argmax(dim=1).tolist()
     return "".join(head.alphabet[i - 1] for i, before in zip(best, [0, *best], strict=False)
                    if i != 0 and i != before)
+
+
+def character_error(head: CTCHead, quantizer: FSQ, codes: np.ndarray, text: str) -> float:
+    """The character error rate of what the head reads off `codes` against `text`'s characters that it
+    reads (`spoken_characters(text, head.alphabet)`): a judge of the codes that needs no audio."""
+    return float(jiwer.cer(spoken_characters(text, head.alphabet), read_characters(head, quantizer, codes)))
 
 
 @torch.inference_mode()

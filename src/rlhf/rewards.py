@@ -1,11 +1,15 @@
 """Audio rewards for aligning the SpeechLM: each completion is decoded to speech by the codec and judged.
 
-Three components, each in [0, 1], combined with weights from config (as Inworld's GRPO: intelligibility,
-speaker similarity, quality):
+Components, each in [0, 1], combined with weights from config (the first three as Inworld's GRPO:
+intelligibility, speaker similarity, quality):
 
 - intelligibility  exp(-k * WER) of Whisper tiny.en's transcript against the target text;
 - speaker_similarity  cosine similarity (resemblyzer) to the voice prompt's reference recording, floored at 0;
-- dnsmos  DNSMOS overall, rescaled from the 1..5 MOS scale to 0..1.
+- dnsmos  DNSMOS overall, rescaled from the 1..5 MOS scale to 0..1;
+- readability  1 - the character error rate of what the codec's CTC head reads off the codes
+  (voxlm.codec.align; floored at 0). It needs no audio, and it tells apart degrees of unintelligible speech,
+  where Whisper's WER is ~1 for every candidate; 0 (and not computed) without a head, which a weight above 0
+  refuses.
 
 A completion that is not valid speech gets 0 on every component (the minimum) and is counted by reason:
 empty, text tokens inside, or over length (no [speech_end] before the generation limit, or more frames than
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from voxlm.codec.align import character_error
+from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import Codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import utterance_wers
@@ -36,7 +42,7 @@ from voxlm.speechlm.tokenizer import SpeechTokenizer
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("intelligibility", "speaker_similarity", "dnsmos")
+COMPONENTS = ("intelligibility", "speaker_similarity", "dnsmos", "readability")
 INVALID_REASONS = ("empty", "text tokens inside", "over length")
 MIN_VALID_SECONDS = 0.1
 
@@ -70,11 +76,15 @@ class SpeechRewards:
     """Judges loaded once; reference speaker embeddings computed once per reference recording."""
 
     def __init__(self, codec: Codec, tok: SpeechTokenizer, judges: Judges, references: dict[str, np.ndarray],
-                 rewards_cfg: DictConfig, length_cfg: DictConfig) -> None:
-        self.codec, self.tok, self.judges = codec, tok, judges
+                 rewards_cfg: DictConfig, length_cfg: DictConfig, ctc_head: CTCHead | None = None) -> None:
+        self.codec, self.tok, self.judges, self.ctc_head = codec, tok, judges, ctc_head
         self.sample_rate = codec.sample_rate
         self.wer_scale = float(rewards_cfg.wer_scale)
         self.weights = {name: float(rewards_cfg.weights[name]) for name in COMPONENTS}
+        if self.weights["readability"] and ctc_head is None:
+            raise ValueError("the readability reward reads the codes with the codec's CTC head, and this "
+                             "codec has none (it trained with loss weight ctc 0): set "
+                             "stage.rewards.weights.readability=0")
         self.length_cfg = length_cfg
         ids = list(references)
         embeddings = judges.speaker.embed([references[i] for i in ids], self.sample_rate)
@@ -97,6 +107,7 @@ class SpeechRewards:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         audios: list[np.ndarray | None] = []
+        codes: list[np.ndarray | None] = []
         for ids, text in zip(completion_ids, texts, strict=True):
             completion = parse_completion(ids, self.tok, self.max_frames(text))
             audio = None if completion.codes is None else decode_codes(self.codec,
@@ -107,15 +118,17 @@ class SpeechRewards:
             if reason:
                 self.invalid[reason] += 1
             audios.append(audio)
+            codes.append(None if audio is None else completion.codes)
         self.scored += len(audios)
-        scores = self.score_audio(audios, texts, reference_ids)
+        scores = self.score_audio(audios, texts, reference_ids, codes)
         self._cache = (key, scores)
         return scores
 
     def score_audio(self, audios: Sequence[np.ndarray | None], texts: Sequence[str],
-                    reference_ids: Sequence[str]) -> dict[str, np.ndarray]:
+                    reference_ids: Sequence[str],
+                    codes: Sequence[np.ndarray | None] | None = None) -> dict[str, np.ndarray]:
         """The rewards of audio clips (None: not valid speech, scored 0) speaking `texts` in the voices of
-        the references `reference_ids`."""
+        the references `reference_ids`; readability also needs each clip's codes."""
         n = len(audios)
         scores = {name: np.zeros(n) for name in COMPONENTS}
         valid = [i for i, audio in enumerate(audios) if audio is not None]
@@ -129,6 +142,12 @@ class SpeechRewards:
             scores["speaker_similarity"][valid] = np.clip(np.sum(embeddings * references, axis=1), 0.0, 1.0)
             mos = self.judges.dnsmos.score(clips, self.sample_rate)
             scores["dnsmos"][valid] = np.clip([(m["ovrl"] - 1.0) / 4.0 for m in mos], 0.0, 1.0)
+        if valid and self.ctc_head is not None:
+            if codes is None:
+                raise ValueError("the readability reward reads codes: pass each clip's codes")
+            errors = [character_error(self.ctc_head, self.codec.quantizer, codes[i], normalize_text(texts[i]))
+                      for i in valid]
+            scores["readability"][valid] = np.clip(1.0 - np.asarray(errors), 0.0, 1.0)
         scores["total"] = sum(self.weights[name] * scores[name] for name in COMPONENTS)
         scores["valid"] = np.array([audio is not None for audio in audios], dtype=bool)
         return scores

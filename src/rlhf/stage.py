@@ -7,9 +7,14 @@ similarity, DNSMOS, weighted by cfg.stage.rewards).
 
 - grpo: trl's GRPOTrainer samples `num_generations` completions per prompt from the policy and moves it
   toward the better ones of each group, with a KL penalty (beta) to the SFT model.
-- dpo: N candidates per prompt are sampled from the SFT model and ranked by the same rewards; the best and the
-  worst (when their rewards differ by at least min_reward_gap) make a preference pair for trl's DPOTrainer.
-  The pairs are saved in the run folder (preferences.jsonl) and reused when the run resumes.
+- dpo: N candidates per prompt are sampled from the SFT model (voxlm's sampler, as synth and eval draw) and
+  ranked by the same rewards; the best and the worst (when their rewards differ by at least min_reward_gap)
+  make a preference pair for trl's DPOTrainer, as the token ids the model read. The pairs are saved in the
+  run folder (preferences.jsonl) and reused when the run resumes. An interleaved SpeechLM is aligned this
+  way: the log-probabilities count the tokens it chose (codes, [speech_end], and a lookahead's <|advance|>)
+  and leave out each character that generation fed where the model said <|advance|>, since at that position
+  the model chose <|advance|>, not the character (TRL scores the token that follows, so the moves
+  themselves go unscored).
 
 Writes into runs/rlhf/<run_name>/: checkpoints/ (trainer checkpoints: the same run name resumes), hf/ (the
 aligned model + tokenizer, what synth, eval, export and serving load) and metrics.json (reward components,
@@ -31,14 +36,19 @@ import numpy as np
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from voxlm.codec.align import load_ctc_head
 from voxlm.codec.module import load_codec
+from voxlm.data.text import normalize_text
 from voxlm.eval.report import markdown_table, write_json
 from voxlm.eval.tts_eval import Case, Judges, build_cases, case_prompt, evaluate_tts
 from voxlm.rlhf.rewards import COMPONENTS, SpeechRewards
 from voxlm.runs import find_run, write_metrics
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.model import load_speechlm, speechlm_folder
+from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.training import seed_everything
 
@@ -58,11 +68,10 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = load_codec(codec_dir, map_location=device)
     model, tok = load_speechlm(sft_dir, codec.codebook_size, device)
-    if tok.interleaved:
-        raise ValueError(f"{sft_dir} is an interleaved SpeechLM, which RLHF does not align yet: its samples "
-                         "hold the characters that generation fed, and the preference trainers would score "
-                         "them as sampled. Align a plain-format SFT run "
-                         "(speechlm.tokenizer.interleave=false)")
+    if tok.interleaved and algorithm.name == "grpo":
+        raise ValueError(f"{sft_dir} is an interleaved SpeechLM, which GRPO cannot align: its rollouts come "
+                         "from TRL's generate, which cannot feed the model its characters. Use "
+                         "algorithm=dpo, whose candidates come from voxlm's sampler")
     judges = Judges.load()
 
     cases = build_cases(cfg.data, stage.prompts.split, stage.prompts.split, codec.sample_rate,
@@ -70,7 +79,7 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
                         int(cfg.seed), float(stage.prompts.max_target_seconds), shuffle=True)
     prompts = [case_prompt(tok, codec, case) for case in cases]
     rewards = SpeechRewards(codec, tok, judges, {case.reference_id: case.reference_audio for case in cases},
-                            stage.rewards, stage.length)
+                            stage.rewards, stage.length, load_ctc_head(codec_dir))
     log.info("%s on %s: %d prompts from %s", algorithm.name, sft_dir, len(cases), stage.prompts.split)
     started = time.perf_counter()
     trainer_cls = train_grpo if algorithm.name == "grpo" else train_dpo
@@ -140,8 +149,6 @@ def code_tokens_only(tok: SpeechTokenizer, vocab_size: int) -> list[int]:
 
 def train_grpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: SpeechTokenizer, codec: Any,
                cases: list[Case], prompts: list[np.ndarray], rewards: SpeechRewards) -> list[dict]:
-    from trl import GRPOConfig, GRPOTrainer
-
     algorithm, sampling = cfg.algorithm, cfg.stage.sampling
     model.train()
     model.generation_config.eos_token_id = tok.speech_end_id  # TRL adds the tokenizer's eos to its stops
@@ -179,21 +186,26 @@ def sample_preferences(model: torch.nn.Module, tok: SpeechTokenizer, cases: list
     pairs, model = [], model.eval()
     for index, (case, ids) in enumerate(zip(cases, prompts, strict=True)):
         limit = rewards.max_frames(case.text)
+        spoken = tok.spoken_char_ids(normalize_text(case.text)) if tok.interleaved else None
         # A limit one past the guard: a candidate that runs into it is over length, and ranked last.
         generation = generate_codes(model, tok, [ids] * n, limit + 1,
-                                    SamplingConfig(**{**sampling.__dict__, "seed": int(cfg.seed) + index}))
-        candidates = [tok.code_to_token(codes.numpy()).tolist() + ([] if cut else [tok.speech_end_id])
-                      for codes, cut in zip(generation.codes, generation.truncated, strict=True)]
-        scores = rewards.score(candidates, [case.text] * n, [case.reference_id] * n)
+                                    SamplingConfig(**{**sampling.__dict__, "seed": int(cfg.seed) + index}),
+                                    spoken=None if spoken is None else [spoken] * n)
+        speech = [tok.code_to_token(codes.numpy()).tolist() + ([] if cut else [tok.speech_end_id])
+                  for codes, cut in zip(generation.codes, generation.truncated, strict=True)]
+        scores = rewards.score(speech, [case.text] * n, [case.reference_id] * n)
         order = np.argsort(-scores["total"], kind="stable")
         best, worst = int(order[0]), int(order[-1])
         gap = float(scores["total"][best] - scores["total"][worst])
         if gap < float(algorithm.min_reward_gap) or not scores["valid"][best]:
             continue
+        # What the model read: the prompt with an interleaved model's first characters, then its tokens.
+        start = generation_start(tok, ids, spoken)[0].tolist()
+        chosen, rejected = (generation.tokens[i].tolist() + [tok.eos_id] for i in (best, worst))
         pairs.append({
-            "prompt": prompt_text(tok, ids),
-            "chosen": tok.tokenizer.decode(candidates[best], skip_special_tokens=False),
-            "rejected": tok.tokenizer.decode(candidates[worst], skip_special_tokens=False),
+            "prompt_ids": start, "chosen_ids": chosen, "rejected_ids": rejected,
+            **{key: tok.tokenizer.decode(value, skip_special_tokens=False)
+               for key, value in (("prompt", start), ("chosen", chosen), ("rejected", rejected))},
             "id": case.id, "reward_chosen": float(scores["total"][best]),
             "reward_rejected": float(scores["total"][worst]),
             **{f"{name}_chosen": float(scores[name][best]) for name in COMPONENTS},
@@ -202,14 +214,45 @@ def sample_preferences(model: torch.nn.Module, tok: SpeechTokenizer, cases: list
     return pairs
 
 
+def fed_character_mask(tok: SpeechTokenizer, vocab_size: int) -> torch.Tensor:
+    """BoolTensor [vocab_size]: the spoken characters that generation feeds an interleaved model (none for
+    a plain one). In a sampled completion they stand where the model chose <|advance|>."""
+    fed = torch.zeros(vocab_size, dtype=torch.bool)
+    fed[list(tok.char_ids.values())] = True
+    return fed
+
+
+class ScoreChosenTokens:
+    """TRL's preference collator, with the fed characters left out of the completion mask, so DPO's
+    log-probabilities count only the tokens the model chose."""
+
+    def __init__(self, collate: DataCollatorForPreference, fed: torch.Tensor) -> None:
+        self.collate, self.fed = collate, fed
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        batch["completion_mask"] = batch["completion_mask"] * ~self.fed[batch["input_ids"]]
+        return batch
+
+
+class PairsAsTokenIds(DPOTrainer):
+    """DPOTrainer over pairs given as token ids. TRL would decode nothing but re-tokenize the pairs' text,
+    and a byte-level BPE merges two characters fed one after the other into one token, so the ids are the
+    only faithful record of what the model read."""
+
+    def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+        return dataset
+
+
 def train_dpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: SpeechTokenizer, codec: Any,
               cases: list[Case], prompts: list[np.ndarray], rewards: SpeechRewards) -> list[dict]:
-    from trl import DPOConfig, DPOTrainer
-
     algorithm = cfg.algorithm
     path = run_dir / PREFERENCES_FILE
     if path.is_file():
         pairs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if pairs and "prompt_ids" not in pairs[0]:
+            raise ValueError(f"{path} holds pairs as text only (written before voxlm kept their token ids): "
+                             "delete it, and the run samples its pairs again")
         log.info("DPO: %d preference pairs from %s", len(pairs), path)
     else:
         pairs = sample_preferences(model, tok, cases, prompts, rewards, cfg)
@@ -218,16 +261,23 @@ def train_dpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: Speec
         tmp.replace(path)  # complete or absent: a resumed run never reads half a file
         log.info("DPO: %d preference pairs from %d prompts, written to %s", len(pairs), len(cases), path)
     if not pairs:
-        raise ValueError("DPO: no prompt gave candidates whose rewards differ by algorithm.min_reward_gap="
-                         f"{algorithm.min_reward_gap}: lower it or sample more candidates (num_generations)")
+        raise ValueError("DPO: no prompt gave a valid best candidate whose reward beats the worst by "
+                         f"algorithm.min_reward_gap={algorithm.min_reward_gap} (invalid candidates: "
+                         f"{rewards.invalid_counts()}): lower the gap, sample more candidates "
+                         "(num_generations), or start from a model that stops within the length guard")
     write_metrics(run_dir, {"preference_pairs": len(pairs), "reward_chosen_mean": float(
         np.mean([p["reward_chosen"] for p in pairs])), "reward_rejected_mean": float(
         np.mean([p["reward_rejected"] for p in pairs]))})
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                 for p in pairs])
     model.train()
     args = DPOConfig(**trainer_args(cfg, run_dir), max_length=int(algorithm.max_length),
                      loss_type=[str(algorithm.loss_type)])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok.tokenizer)
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_id, max_length=args.max_length,
+                                        truncation_mode=args.truncation_mode)
+    collator = ScoreChosenTokens(collate, fed_character_mask(tok, model.config.vocab_size))
+    trainer = PairsAsTokenIds(model=model, args=args, train_dataset=dataset, processing_class=tok.tokenizer,
+                              data_collator=collator)
     trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
     model.eval()
     return trainer.state.log_history

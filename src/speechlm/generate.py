@@ -78,6 +78,8 @@ class CodeChunk:
     codes: list[Tensor]    # LongTensor [n_i] of codec codes sampled since the previous chunk (may be empty)
     finished: list[bool]   # the row has stopped: no further chunk carries codes for it
     truncated: list[bool]  # the row was cut off at its max_frames before it said [speech_end]
+    tokens: list[Tensor]   # LongTensor [m_i]: every token the row took in the chunk, as the model read it
+                           # (codes, [speech_end], and for <|advance|> the character fed in its place)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Generation:
 
     codes: list[Tensor]    # LongTensor [n_i] of codec codes, without [speech_end]
     truncated: list[bool]
+    tokens: list[Tensor]   # every token each row took after its `generation_start` prompt, as CodeChunk's
 
 
 def frame_limit(num_text_tokens: int, base_frames: float, frames_per_text_token: float) -> int:
@@ -262,6 +265,7 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
     next_position = mask.sum(1)
     made = torch.zeros(batch, dtype=torch.long, device=device)  # codes per row
     history = torch.full((batch, max_steps), -1, dtype=torch.long, device=device)  # code token ids
+    taken = torch.full((batch, max_steps), -1, dtype=torch.long, device=device)  # all, as the model read them
     active = torch.ones(batch, dtype=torch.bool, device=device)
     truncated = torch.zeros(batch, dtype=torch.bool, device=device)
     window = sampling.repetition_window
@@ -280,6 +284,12 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         token = next_tokens(logits, allowed, recent, sampling, generator)
         is_code = active & tok.is_code(token)
         advancing = active & (token == tok.advance_id) if feeds is not None else torch.zeros_like(active)
+        sampled = token
+        if feeds is not None:  # <|advance|> is said, the next character (or <|advance|> itself) is fed
+            upcoming = feeds.gather(1, next_feed.clamp(max=max(feeds.shape[1] - 1, 0))[:, None])[:, 0]
+            token = torch.where(advancing, upcoming, token)
+            next_feed += advancing.long()
+        taken[:, step] = torch.where(active, token, -1)
         history[:, step] = torch.where(is_code, token, -1)
         made += is_code.long()
         cut = is_code & (made >= limits)
@@ -289,7 +299,8 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
 
         size = chunk_frames[min(chunk_index, len(chunk_frames) - 1)]
         if step + 1 - chunk_start == size or done:
-            yield _chunk(history[:, chunk_start: step + 1], active, truncated, tok.code_offset)
+            chunk = slice(chunk_start, step + 1)
+            yield _chunk(history[:, chunk], taken[:, chunk], active, truncated, tok.code_offset)
             chunk_start, chunk_index = step + 1, chunk_index + 1
         if done:
             return
@@ -297,11 +308,6 @@ def stream_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence
         # the unconditional rows' while their conditional row is given a character: they only hear codes.
         feeding = torch.cat([active, active & is_code]) if guided else active
         mask = torch.cat([mask, feeding[:, None].long()], dim=1)
-        sampled = token
-        if feeds is not None:  # <|advance|> is said, the next character (or <|advance|> itself) is fed
-            upcoming = feeds.gather(1, next_feed.clamp(max=max(feeds.shape[1] - 1, 0))[:, None])[:, 0]
-            token = torch.where(advancing, upcoming, token)
-            next_feed += advancing.long()
         fed = torch.where(feeding, torch.cat([token, sampled]) if guided else token, tok.pad_id)[:, None]
         out = model(input_ids=fed, attention_mask=mask, position_ids=next_position[:, None],
                     cache=out.cache, use_cache=True, logits_to_keep=1)
@@ -318,9 +324,9 @@ def _right_pad(rows: Sequence[Sequence[int]]) -> Tensor:
     return padded
 
 
-def _chunk(tokens: Tensor, active: Tensor, truncated: Tensor, code_offset: int) -> CodeChunk:
-    codes = [row[row >= 0] - code_offset for row in tokens]
-    return CodeChunk(codes, (~active).tolist(), truncated.tolist())
+def _chunk(codes: Tensor, taken: Tensor, active: Tensor, truncated: Tensor, code_offset: int) -> CodeChunk:
+    return CodeChunk([row[row >= 0] - code_offset for row in codes], (~active).tolist(), truncated.tolist(),
+                     [row[row >= 0] for row in taken])
 
 
 def generate_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequence[Prompt],
@@ -328,9 +334,12 @@ def generate_codes(model: PreTrainedModel, tok: SpeechTokenizer, prompts: Sequen
                    spoken: Sequence[Sequence[int]] | None = None) -> Generation:
     """Every row's complete codes (the same samples `stream_codes` yields for the same settings)."""
     codes: list[list[Tensor]] = [[] for _ in prompts]
+    tokens: list[list[Tensor]] = [[] for _ in prompts]
     truncated = [False] * len(prompts)
     for chunk in stream_codes(model, tok, prompts, max_frames, sampling, chunk_frames=(64,), spoken=spoken):
-        for row, piece in enumerate(chunk.codes):
+        for row, (piece, taken) in enumerate(zip(chunk.codes, chunk.tokens, strict=True)):
             codes[row].append(piece)
+            tokens[row].append(taken)
         truncated = chunk.truncated
-    return Generation([torch.cat(pieces) for pieces in codes], truncated)
+    return Generation([torch.cat(pieces) for pieces in codes], truncated,
+                      [torch.cat(pieces) for pieces in tokens])
