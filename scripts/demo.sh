@@ -26,8 +26,8 @@ done
 step "TTS evaluation -> runs/sft/$EXPERIMENT/eval/"
 $PY scripts/eval_tts.py experiment="$EXPERIMENT"
 
-step "python train.py stage=rlhf algorithm=grpo experiment=$EXPERIMENT (then SFT vs GRPO -> runs/rlhf/$EXPERIMENT/eval/)"
-$PY train.py stage=rlhf algorithm=grpo experiment="$EXPERIMENT"
+step "python train.py stage=rlhf experiment=$EXPERIMENT (the experiment's algorithm; then SFT vs aligned -> runs/rlhf/$EXPERIMENT/eval/)"
+$PY train.py stage=rlhf experiment="$EXPERIMENT"
 
 step "voices: one per train speaker -> voices/ (synth.py voice=<name>, the artifact, the server)"
 $PY scripts/make_voices.py experiment="$EXPERIMENT"
