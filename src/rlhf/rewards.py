@@ -22,6 +22,7 @@ one after another read from that cache, so TRL logs each component while the aud
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -78,6 +79,8 @@ class SpeechRewards:
     def __init__(self, codec: Codec, tok: SpeechTokenizer, judges: Judges, references: dict[str, np.ndarray],
                  rewards_cfg: DictConfig, length_cfg: DictConfig, ctc_head: CTCHead | None = None) -> None:
         self.codec, self.tok, self.judges, self.ctc_head = codec, tok, judges, ctc_head
+        # The head reads on the CPU (a few frames' convolutions), whichever device the codec decodes on.
+        self.ctc_quantizer = copy.deepcopy(codec.quantizer).cpu()
         self.sample_rate = codec.sample_rate
         self.wer_scale = float(rewards_cfg.wer_scale)
         self.weights = {name: float(rewards_cfg.weights[name]) for name in COMPONENTS}
@@ -145,7 +148,7 @@ class SpeechRewards:
         if valid and self.ctc_head is not None:
             if codes is None:
                 raise ValueError("the readability reward reads codes: pass each clip's codes")
-            errors = [character_error(self.ctc_head, self.codec.quantizer, codes[i], normalize_text(texts[i]))
+            errors = [character_error(self.ctc_head, self.ctc_quantizer, codes[i], normalize_text(texts[i]))
                       for i in valid]
             scores["readability"][valid] = np.clip(1.0 - np.asarray(errors), 0.0, 1.0)
         scores["total"] = sum(self.weights[name] * scores[name] for name in COMPONENTS)

@@ -236,9 +236,9 @@ class ScoreChosenTokens:
 
 
 class PairsAsTokenIds(DPOTrainer):
-    """DPOTrainer over pairs given as token ids. TRL would decode nothing but re-tokenize the pairs' text,
-    and a byte-level BPE merges two characters fed one after the other into one token, so the ids are the
-    only faithful record of what the model read."""
+    """DPOTrainer over pairs given as the token ids the model read, taken as they are. TRL would tokenize the
+    pairs' text itself, and a byte-level BPE merges two characters fed one after the other into one token.
+    (TRL's preparation also drops pairs whose prompt alone fills max_length: `train_dpo` does that here.)"""
 
     def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
         return dataset
@@ -260,6 +260,11 @@ def train_dpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: Speec
         tmp.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
         tmp.replace(path)  # complete or absent: a resumed run never reads half a file
         log.info("DPO: %d preference pairs from %d prompts, written to %s", len(pairs), len(cases), path)
+    fits = [pair for pair in pairs if len(pair["prompt_ids"]) < int(algorithm.max_length)]
+    if len(fits) < len(pairs):
+        log.warning("DPO: %d of %d pairs left out: their prompts alone fill algorithm.max_length=%d",
+                    len(pairs) - len(fits), len(pairs), algorithm.max_length)
+    pairs = fits
     if not pairs:
         raise ValueError("DPO: no prompt gave a valid best candidate whose reward beats the worst by "
                          f"algorithm.min_reward_gap={algorithm.min_reward_gap} (invalid candidates: "
