@@ -145,9 +145,9 @@ class SpeechRewards:
             scores["speaker_similarity"][valid] = np.clip(np.sum(embeddings * references, axis=1), 0.0, 1.0)
             mos = self.judges.dnsmos.score(clips, self.sample_rate)
             scores["dnsmos"][valid] = np.clip([(m["ovrl"] - 1.0) / 4.0 for m in mos], 0.0, 1.0)
-        if valid and self.ctc_head is not None:
-            if codes is None:
-                raise ValueError("the readability reward reads codes: pass each clip's codes")
+        if codes is None and self.weights["readability"]:
+            raise ValueError("the readability reward reads codes: pass each clip's codes")
+        if valid and self.ctc_head is not None and codes is not None:
             errors = [character_error(self.ctc_head, self.ctc_quantizer, codes[i], normalize_text(texts[i]))
                       for i in valid]
             scores["readability"][valid] = np.clip(1.0 - np.asarray(errors), 0.0, 1.0)
