@@ -345,9 +345,10 @@ def rlhf_runs(workspace: Path, tiny_corpus: Path, sft_runs: dict[str, Path]) -> 
             "stage.evaluate.enabled=false", *RLHF_TINY)
     train(workspace, tiny_corpus, "rlhf", *grpo, "algorithm.max_steps=2")
     resumed = train(workspace, tiny_corpus, "rlhf", *grpo, "algorithm.max_steps=3")
+    # A 4-step model's candidates sound much alike to the judges: a small gap still ranks them.
     train(workspace, tiny_corpus, "rlhf", "run_name=dpo", "algorithm=dpo", "algorithm.max_steps=2",
           "algorithm.batch_size=2", "algorithm.num_generations=3", "stage.evaluate.max_utterances=2",
-          *RLHF_TINY)
+          "algorithm.min_reward_gap=0.001", *RLHF_TINY)
     return {"grpo": workspace / "runs/rlhf/grpo", "dpo": workspace / "runs/rlhf/dpo", "resumed_log": resumed}
 
 
@@ -376,9 +377,12 @@ def test_dpo_ranks_sampled_candidates_and_compares_with_sft(rlhf_runs: dict,
                                                            sft_runs: dict[str, Path]) -> None:
     run = rlhf_runs["dpo"]
     pairs = [json.loads(line) for line in (run / "preferences.jsonl").read_text().splitlines()]
-    assert pairs and all(p["reward_chosen"] >= p["reward_rejected"] + 0.05 for p in pairs)
+    assert pairs and all(p["reward_chosen"] >= p["reward_rejected"] + 0.001 for p in pairs)
     assert all(p["prompt"].startswith("<|begin_of_text|><|text_start|>") for p in pairs)
-    assert all(p["chosen"].endswith("<|speech_end|>") for p in pairs)  # chosen is always valid speech
+    # Chosen is always valid speech; the pairs are the ids the model read (+ eos, as TRL would append it).
+    assert all(p["chosen"].endswith("<|speech_end|><|end_of_text|>") for p in pairs)
+    tok = SpeechTokenizer.from_pretrained(sft_runs["full"] / "hf")
+    assert all(tok.tokenizer.decode(p["chosen_ids"], skip_special_tokens=False) == p["chosen"] for p in pairs)
     m = metrics(run)
     assert m["algorithm"] == "dpo" and m["preference_pairs"] == len(pairs)
     assert len(changed_weights(run, sft_runs["full"])) > 10
