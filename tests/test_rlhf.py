@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import SENTENCE_A, SENTENCE_B, white_noise
 from omegaconf import OmegaConf
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from voxlm.codec.losses import CTCHead, spoken_characters
 from voxlm.codec.model import Codec
 from voxlm.eval.tts_eval import Judges
 from voxlm.rlhf.rewards import COMPONENTS, SpeechRewards, parse_completion
+from voxlm.rlhf.stage import ScoreChosenTokens, fed_character_mask
 from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,10 +105,6 @@ def test_malformed_completions_get_the_minimum_and_are_counted(rewards: SpeechRe
 def test_dpo_scores_only_the_tokens_the_model_chose(tok: SpeechTokenizer) -> None:
     """In an interleaved completion each character stands where the model said <|advance|>: the collator
     leaves it out of the completion mask, and keeps the codes, [speech_end] and eos."""
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    from voxlm.rlhf.stage import ScoreChosenTokens, fed_character_mask
-
     spoken = SpeechTokenizer.build(train_text_tokenizer([SENTENCE_A, SENTENCE_B] * 8, vocab_size=300),
                                    tok.codebook_size, spoken_alphabet=" abcdefghijklmnopqrstuvwxyz'")
     h, i = spoken.char_ids["h"], spoken.char_ids["i"]

@@ -31,6 +31,7 @@ from voxlm.speechlm.alignment import guided_attention_loss, text_speech_spans
 from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid
 from voxlm.speechlm.generate import filter_top_k
 from voxlm.speechlm.sequences import IGNORE
+from voxlm.speechlm.tokenizer import in_code_block
 
 
 def hf_config_dict(model: LlamaForCausalLM) -> dict[str, Any]:
@@ -48,11 +49,6 @@ def add_lora(model: LlamaForCausalLM, lora_cfg: dict[str, Any]) -> torch.nn.Modu
     return get_peft_model(model, config)
 
 
-def is_code(input_ids: Tensor, code_offset: int, codebook_size: int) -> Tensor:
-    """BoolTensor: where input_ids hold codes (the code block)."""
-    return (input_ids >= code_offset) & (input_ids < code_offset + codebook_size)
-
-
 def noisy_codes(input_ids: Tensor, code_offset: int, codebook_size: int, share: float) -> Tensor:
     """input_ids with each code token replaced, with probability `share`, by a code drawn uniformly.
 
@@ -61,7 +57,7 @@ def noisy_codes(input_ids: Tensor, code_offset: int, codebook_size: int, share: 
     its own codes are off; with some of its history made wrong it must take the next code from the text and
     the longer context too (what Tacotron's always-on pre-net dropout does for spectrogram frames).
     """
-    replace = is_code(input_ids, code_offset, codebook_size) & (
+    replace = in_code_block(input_ids, code_offset, codebook_size) & (
         torch.rand(input_ids.shape, device=input_ids.device) < share)
     random_codes = torch.randint_like(input_ids, code_offset, code_offset + codebook_size)
     return torch.where(replace, random_codes, input_ids)
@@ -82,7 +78,7 @@ def own_codes(model: torch.nn.Module, batch: dict[str, Any], code_offset: int, c
     Only codes that carry a label are replaced: a voice prompt's codes stay the real recording's.
     """
     input_ids = mixed = batch["input_ids"]
-    target = is_code(input_ids[:, 1:], code_offset, codebook_size) & (batch["labels"][:, 1:] != IGNORE)
+    target = in_code_block(input_ids[:, 1:], code_offset, codebook_size) & (batch["labels"][:, 1:] != IGNORE)
     replace = target & (torch.rand(target.shape, device=input_ids.device) < share)
     for _ in range(passes):
         logits = model(input_ids=mixed, attention_mask=batch["attention_mask"]).logits

@@ -295,7 +295,7 @@ class SpeechTokenizer:
 
     def is_code(self, token_ids: Ids) -> Ids:
         """Boolean mask (or bool for an int): which ids are code tokens."""
-        return (token_ids >= self.code_offset) & (token_ids < self.vocab_size)
+        return in_code_block(token_ids, self.code_offset, self.vocab_size - self.code_offset)
 
     def encode_text(self, text: str) -> list[int]:
         """Text token ids, without bos/eos. Markup typed into the text ("<|speech_end|>") stays plain text,
@@ -306,6 +306,12 @@ class SpeechTokenizer:
         """Text of the text tokens among `token_ids`; control and code tokens are dropped."""
         ids = [int(i) for i in token_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def in_code_block(token_ids: Ids, code_offset: int, codebook_size: int) -> Ids:
+    """Boolean mask (or bool for an int): which ids fall in the code block, for code that holds the
+    vocabulary layout's numbers rather than a SpeechTokenizer (the training module)."""
+    return (token_ids >= code_offset) & (token_ids < code_offset + codebook_size)
 
 
 def _check_range(values: int | np.ndarray | torch.Tensor, low: int, high: int, what: str) -> None:
