@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from voxlm.codec.losses import spoken_characters
 from voxlm.data.shards import CodeShards
 from voxlm.eval.text_use import speech_given_text, text_use
+from voxlm.rlhf.stage import FeedCharacters, prompt_text
 from voxlm.serve.backends import max_backend
 from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, SpeechRequest
 from voxlm.speechlm.code_grid import has_code_grid
@@ -96,8 +97,8 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
     to end on the tiny corpus: pretrain and SFT on phonemes interleaved with their codes at timings read off
     the letters' alignment (unit tests cover letters), synth.py speaks through the codec, export
     passes its parity gate, the MAX engine streams what offline generation makes when fed the same
-    characters, the HTTP server speaks and refuses a text with no letter, DPO aligns it (GRPO refuses it by
-    name), and text_use scores it."""
+    characters, the HTTP server speaks and refuses a text with no letter, GRPO (its rollouts fed their
+    characters) and DPO align it, and text_use scores it."""
     spoken = ("speechlm.tokenizer.interleave=true", "speechlm.tokenizer.lookahead=2",
               "speechlm.tokenizer.spoken=phonemes")
     train(workspace, tiny_corpus, "pretrain", "run_name=spoken", "speechlm.pretrain.val_check_interval=3",
@@ -163,18 +164,38 @@ def test_interleaved_pipeline_trains_speaks_exports_and_serves(workspace: Path, 
     finally:
         server.stop()
 
-    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=rlhf", "experiment=tiny",
-                              f"paths.root_dir={workspace}", f"paths.data_dir={tiny_corpus.parent}",
-                              "run_name=spoken", "stage.sft_run=spoken", "algorithm=grpo"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert refused.returncode != 0 and "Use algorithm=dpo" in refused.stderr
+    # GRPO's rollouts come from voxlm's sampler, which feeds the characters; the loss leaves them out.
+    model = AutoModelForCausalLM.from_pretrained(sft / "hf", local_files_only=True)
+    rows = {prompt_text(tok, prompt): (prompt, tok.spoken_char_ids(text), 40)
+            for prompt, text in zip(prompts, texts, strict=True)}
+    rollout = FeedCharacters(model, tok, rows, SamplingConfig(temperature=1.0, top_k=50, seed=0))
+    keys = [key for key in rows for _ in range(2)]  # TRL repeats each prompt num_generations times
+    out = rollout(keys)
+    assert rollout(keys)["completion_ids"] != out["completion_ids"]  # each call draws afresh
+    fed = set(tok.char_ids.values())
+    for key, start, completion, mask, speech in zip(keys, out["prompt_ids"], out["completion_ids"],
+                                                    out["env_mask"], out["speech_ids"], strict=True):
+        spoken = rows[key][1]
+        assert start == generation_start(tok, rows[key][0], spoken)[0].tolist() and set(start[-3:]) <= fed
+        assert mask == [0 if token in fed else 1 for token in completion]
+        # The speech judged: the codes (and [speech_end]), without the characters or a lookahead's moves.
+        assert speech == [token for token in completion if token not in fed and token != tok.advance_id]
+    assert any(0 in mask for mask in out["env_mask"])
+    train(workspace, tiny_corpus, "rlhf", "run_name=spoken-grpo", "stage.sft_run=spoken", "algorithm=grpo",
+          "algorithm.max_steps=2", "algorithm.batch_size=4", "algorithm.num_generations=2",
+          "stage.prompts.max_prompts=4", "algorithm.warmup_steps=0", "stage.evaluate.enabled=false")
+    grpo = workspace / "runs/rlhf/spoken-grpo"
+    m = metrics(grpo)
+    # Judged as speech: were the fed characters left in, every rollout would be "text tokens inside".
+    assert m["invalid_completions"]["scored"] == 8 and m["invalid_completions"]["text tokens inside"] == 0
+    assert [entry["step"] for entry in m["log_history"] if "loss" in entry] == [1, 2]
+    assert len(changed_weights(grpo, sft)) > 10
     train(workspace, tiny_corpus, "rlhf", "run_name=spoken", "stage.sft_run=spoken", "algorithm=dpo",
           "algorithm.max_steps=2", "algorithm.batch_size=2", "algorithm.num_generations=3",
           "stage.prompts.max_prompts=4", "algorithm.warmup_steps=0", "stage.evaluate.enabled=false",
           "algorithm.min_reward_gap=0.0")  # a 4-step model's candidates all sound alike to the judges
     aligned = workspace / "runs/rlhf/spoken"
     pairs = [json.loads(line) for line in (aligned / "preferences.jsonl").read_text().splitlines()]
-    fed = set(tok.char_ids.values())
     # The pairs hold what the model read: its prompt with the first characters, the rest fed in the speech.
     assert pairs and all(p["prompt_ids"][-4] == tok.voice_end_id and set(p["prompt_ids"][-3:]) <= fed
                          for p in pairs)

@@ -160,8 +160,9 @@ class SpeechRewards:
         `reward_weights()` to the trainer's config alongside them."""
         def component(name: str) -> Callable[..., list[float]]:
             def reward(prompts, completions, completion_ids, text, reference_id, log_metric=None,
-                       **kwargs) -> list[float]:
-                scores = self.score(completion_ids, text, reference_id)
+                       speech_ids=None, **kwargs) -> list[float]:
+                # An interleaved model's rollouts carry their speech apart from the fed characters.
+                scores = self.score(completion_ids if speech_ids is None else speech_ids, text, reference_id)
                 if name == COMPONENTS[0] and log_metric is not None:
                     log_metric("invalid_share", float(1.0 - scores["valid"].mean()))
                 return scores[name].tolist()

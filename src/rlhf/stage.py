@@ -6,15 +6,18 @@ of the same speaker: its transcript and codec codes). Rewards: voxlm.rlhf.reward
 similarity, DNSMOS, weighted by cfg.stage.rewards).
 
 - grpo: trl's GRPOTrainer samples `num_generations` completions per prompt from the policy and moves it
-  toward the better ones of each group, with a KL penalty (beta) to the SFT model.
+  toward the better ones of each group, with a KL penalty (beta) to the SFT model. An interleaved SpeechLM's
+  rollouts come from voxlm's sampler (`FeedCharacters`, TRL's rollout_func), which feeds each character
+  where the model says <|advance|>; the fed characters are masked out of the loss (TRL's env_mask).
 - dpo: N candidates per prompt are sampled from the SFT model (voxlm's sampler, as synth and eval draw) and
   ranked by the same rewards; the best and the worst (when their rewards differ by at least min_reward_gap)
   make a preference pair for trl's DPOTrainer, as the token ids the model read. The pairs are saved in the
-  run folder (preferences.jsonl) and reused when the run resumes. An interleaved SpeechLM is aligned this
-  way: the log-probabilities count the tokens it chose (codes, [speech_end], and a lookahead's <|advance|>)
-  and leave out each character that generation fed where the model said <|advance|>, since at that position
-  the model chose <|advance|>, not the character (TRL scores the token that follows, so the moves
-  themselves go unscored).
+  run folder (preferences.jsonl) and reused when the run resumes.
+
+For an interleaved SpeechLM both count the tokens it chose (codes, [speech_end], and a lookahead's
+<|advance|>) and leave out each character that generation fed where the model said <|advance|>, since at
+that position the model chose <|advance|>, not the character (TRL scores the token that follows, so the
+moves themselves go unscored).
 
 Writes into runs/rlhf/<run_name>/: checkpoints/ (trainer checkpoints: the same run name resumes), hf/ (the
 aligned model + tokenizer, what synth, eval, export and serving load) and metrics.json (reward components,
@@ -46,7 +49,7 @@ from voxlm.eval.report import markdown_table, write_json
 from voxlm.eval.tts_eval import Case, Judges, build_cases, case_prompt, evaluate_tts
 from voxlm.rlhf.rewards import COMPONENTS, SpeechRewards
 from voxlm.runs import find_run, write_metrics
-from voxlm.speechlm.generate import SamplingConfig, generate_codes
+from voxlm.speechlm.generate import Generation, SamplingConfig, generate_codes
 from voxlm.speechlm.model import load_speechlm, speechlm_folder
 from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
@@ -68,10 +71,6 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = load_codec(codec_dir, map_location=device)
     model, tok = load_speechlm(sft_dir, codec.codebook_size, device)
-    if tok.interleaved and algorithm.name == "grpo":
-        raise ValueError(f"{sft_dir} is an interleaved SpeechLM, which GRPO cannot align: its rollouts come "
-                         "from TRL's generate, which cannot feed the model its characters. Use "
-                         "algorithm=dpo, whose candidates come from voxlm's sampler")
     judges = Judges.load()
 
     cases = build_cases(cfg.data, stage.prompts.split, stage.prompts.split, codec.sample_rate,
@@ -147,6 +146,63 @@ def code_tokens_only(tok: SpeechTokenizer, vocab_size: int) -> list[int]:
     return [i for i in range(vocab_size) if i not in allowed]
 
 
+def rollout_sampling(cfg: DictConfig) -> SamplingConfig:
+    """stage.sampling for voxlm's sampler (GRPO rollouts of interleaved models, DPO candidates)."""
+    settings = OmegaConf.to_container(cfg.stage.sampling)
+    return SamplingConfig(**{key: value for key, value in settings.items() if key != "constrain_to_codes"})
+
+
+class FeedCharacters:
+    """GRPO rollouts of an interleaved SpeechLM (TRL's rollout_func): TRL's generate cannot feed the model
+    its next character when it says <|advance|>, so voxlm's sampler makes them, from the policy being
+    trained. Each completion is every token the model read; `env_mask` leaves the fed characters out of the
+    loss, and the reward functions judge `speech_ids` (the codes and [speech_end]). TRL hands over each
+    prompt `num_generations` times; `rows` maps each prompt string to its ids, spoken characters and length
+    guard (`rollout_rows`)."""
+
+    def __init__(self, model: torch.nn.Module, tok: SpeechTokenizer,
+                 rows: dict[str, tuple[np.ndarray, list[int], int]], sampling: SamplingConfig) -> None:
+        self.model, self.tok, self.rows, self.sampling = model, tok, rows, sampling
+        self.fed = fed_character_mask(tok, model.config.vocab_size)
+        self.calls = 0
+
+    def __call__(self, prompts: list[str], trainer: GRPOTrainer | None = None) -> dict[str, Any]:
+        rows = [self.rows[prompt] for prompt in prompts]
+        seed = None if self.sampling.seed is None else self.sampling.seed + self.calls
+        self.calls += 1  # every call draws afresh, as TRL's own sampling does
+        training = self.model.training
+        self.model.eval()
+        # A limit one past the guard: a rollout that runs into it is over length, and scores 0.
+        generation = generate_codes(self.model, self.tok, [ids for ids, _, _ in rows],
+                                    [limit + 1 for _, _, limit in rows],
+                                    SamplingConfig(**{**self.sampling.__dict__, "seed": seed}),
+                                    spoken=[spoken for _, spoken, _ in rows])
+        self.model.train(training)
+        completions = [tokens.tolist() for tokens in generation.tokens]
+        return {
+            "prompt_ids": [generation_start(self.tok, ids, spoken)[0].tolist() for ids, spoken, _ in rows],
+            "completion_ids": completions,
+            "logprobs": None,  # TRL reads them only to correct vLLM's sampling; this sampler is the policy
+            "env_mask": [(~self.fed[torch.tensor(ids, dtype=torch.long)]).long().tolist()
+                         for ids in completions],
+            "speech_ids": speech_ids(self.tok, generation),
+        }
+
+
+def rollout_rows(tok: SpeechTokenizer, cases: list[Case], prompts: list[np.ndarray],
+                 rewards: SpeechRewards) -> dict[str, tuple[np.ndarray, list[int], int]]:
+    """Each GRPO prompt string (as TRL passes it) -> its ids, spoken characters and length guard."""
+    return {prompt_text(tok, ids): (ids, tok.spoken_char_ids(normalize_text(case.text)),
+                                    rewards.max_frames(case.text))
+            for ids, case in zip(prompts, cases, strict=True)}
+
+
+def speech_ids(tok: SpeechTokenizer, generation: Generation) -> list[list[int]]:
+    """Each row's speech as the rewards read it: its code tokens, then [speech_end] unless it was cut off."""
+    return [tok.code_to_token(codes.numpy()).tolist() + ([] if cut else [tok.speech_end_id])
+            for codes, cut in zip(generation.codes, generation.truncated, strict=True)]
+
+
 def train_grpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: SpeechTokenizer, codec: Any,
                cases: list[Case], prompts: list[np.ndarray], rewards: SpeechRewards) -> list[dict]:
     algorithm, sampling = cfg.algorithm, cfg.stage.sampling
@@ -158,6 +214,8 @@ def train_grpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: Spee
     max_frames = max(rewards.max_frames(case.text) for case in cases)
     generation_kwargs = ({"suppress_tokens": code_tokens_only(tok, model.config.vocab_size)}
                          if sampling.constrain_to_codes else {})
+    rollout = (FeedCharacters(model, tok, rollout_rows(tok, cases, prompts, rewards), rollout_sampling(cfg))
+               if tok.interleaved else None)
     args = GRPOConfig(
         **trainer_args(cfg, run_dir), num_generations=int(algorithm.num_generations),
         max_completion_length=max_frames + 1, temperature=float(sampling.temperature),
@@ -168,7 +226,7 @@ def train_grpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: Spee
         shuffle_dataset=True,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=rewards.reward_functions(), args=args,
-                          train_dataset=dataset, processing_class=tok.tokenizer)
+                          train_dataset=dataset, processing_class=tok.tokenizer, rollout_func=rollout)
     trainer.train(resume_from_checkpoint=latest_checkpoint(run_dir))
     model.eval()
     return trainer.state.log_history
@@ -178,10 +236,7 @@ def sample_preferences(model: torch.nn.Module, tok: SpeechTokenizer, cases: list
                        prompts: list[np.ndarray], rewards: SpeechRewards,
                        cfg: DictConfig) -> list[dict[str, Any]]:
     """Best-vs-worst pairs among N sampled candidates per prompt, ranked by the weighted reward."""
-    algorithm = cfg.algorithm
-    settings = OmegaConf.to_container(cfg.stage.sampling)
-    sampling = SamplingConfig(**{key: value for key, value in settings.items()
-                                 if key != "constrain_to_codes"})
+    algorithm, sampling = cfg.algorithm, rollout_sampling(cfg)
     n = int(algorithm.num_generations)
     pairs, model = [], model.eval()
     for index, (case, ids) in enumerate(zip(cases, prompts, strict=True)):
@@ -191,9 +246,7 @@ def sample_preferences(model: torch.nn.Module, tok: SpeechTokenizer, cases: list
         generation = generate_codes(model, tok, [ids] * n, limit + 1,
                                     SamplingConfig(**{**sampling.__dict__, "seed": int(cfg.seed) + index}),
                                     spoken=None if spoken is None else [spoken] * n)
-        speech = [tok.code_to_token(codes.numpy()).tolist() + ([] if cut else [tok.speech_end_id])
-                  for codes, cut in zip(generation.codes, generation.truncated, strict=True)]
-        scores = rewards.score(speech, [case.text] * n, [case.reference_id] * n)
+        scores = rewards.score(speech_ids(tok, generation), [case.text] * n, [case.reference_id] * n)
         order = np.argsort(-scores["total"], kind="stable")
         best, worst = int(order[0]), int(order[-1])
         gap = float(scores["total"][best] - scores["total"][worst])
