@@ -189,12 +189,11 @@ class FeedCharacters:
         }
 
 
-def rollout_rows(tok: SpeechTokenizer, cases: list[Case], prompts: list[np.ndarray],
+def rollout_rows(tok: SpeechTokenizer, texts: list[str], cases: list[Case], prompts: list[np.ndarray],
                  rewards: SpeechRewards) -> dict[str, tuple[np.ndarray, list[int], int]]:
-    """Each GRPO prompt string (as TRL passes it) -> its ids, spoken characters and length guard."""
-    return {prompt_text(tok, ids): (ids, tok.spoken_char_ids(normalize_text(case.text)),
-                                    rewards.max_frames(case.text))
-            for ids, case in zip(prompts, cases, strict=True)}
+    """Each GRPO prompt string (`texts`, as TRL passes them) -> its ids, spoken characters, length guard."""
+    return {text: (ids, tok.spoken_char_ids(normalize_text(case.text)), rewards.max_frames(case.text))
+            for text, ids, case in zip(texts, prompts, cases, strict=True)}
 
 
 def speech_ids(tok: SpeechTokenizer, generation: Generation) -> list[list[int]]:
@@ -208,14 +207,14 @@ def train_grpo(cfg: DictConfig, run_dir: Path, model: torch.nn.Module, tok: Spee
     algorithm, sampling = cfg.algorithm, cfg.stage.sampling
     model.train()
     model.generation_config.eos_token_id = tok.speech_end_id  # TRL adds the tokenizer's eos to its stops
-    dataset = Dataset.from_list([{"prompt": prompt_text(tok, ids), "text": case.text,
-                                  "reference_id": case.reference_id} for ids, case in zip(prompts, cases,
-                                                                                          strict=True)])
+    texts = [prompt_text(tok, ids) for ids in prompts]
+    dataset = Dataset.from_list([{"prompt": text, "text": case.text, "reference_id": case.reference_id}
+                                 for text, case in zip(texts, cases, strict=True)])
     max_frames = max(rewards.max_frames(case.text) for case in cases)
     generation_kwargs = ({"suppress_tokens": code_tokens_only(tok, model.config.vocab_size)}
                          if sampling.constrain_to_codes else {})
-    rollout = (FeedCharacters(model, tok, rollout_rows(tok, cases, prompts, rewards), rollout_sampling(cfg))
-               if tok.interleaved else None)
+    rollout = (FeedCharacters(model, tok, rollout_rows(tok, texts, cases, prompts, rewards),
+                              rollout_sampling(cfg)) if tok.interleaved else None)
     args = GRPOConfig(
         **trainer_args(cfg, run_dir), num_generations=int(algorithm.num_generations),
         max_completion_length=max_frames + 1, temperature=float(sampling.temperature),
