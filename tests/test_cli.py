@@ -65,5 +65,6 @@ def test_every_stage_and_experiment_composes(stage: str, experiment: str, tmp_pa
     assert resolved["stage"]["name"] == stage
     assert resolved["paths"]["run_dir"] == f"{tmp_path}/runs/{stage}/{cfg.run_name}"
     assert callable(get_method(cfg.stage.run))
-    # The interleaved recipe aligns with DPO, the algorithm measured on it.
-    assert resolved["algorithm"]["name"] == ("dpo" if experiment == "quickstart-interleaved" else "grpo")
+    # The interleaved recipes align with DPO, the algorithm measured on them.
+    interleaved = resolved["speechlm"]["tokenizer"]["interleave"]
+    assert resolved["algorithm"]["name"] == ("dpo" if interleaved else "grpo")
