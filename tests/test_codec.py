@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -23,7 +24,7 @@ from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, lr_factor
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "codec"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Speech codecs turn sound into numbers.",
@@ -33,7 +34,10 @@ SENTENCES = [
 
 
 def codec_config(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"), resolve=True)
+    """A codec preset as Hydra composes it: a preset may build on another through its defaults list."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["stage=codec", f"codec={name}"])
+    return OmegaConf.to_container(cfg.codec, resolve=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +66,7 @@ def speech(tmp_path_factory) -> list[torch.Tensor]:
 # ------------------------------------------------------------------ model
 
 
-@pytest.mark.parametrize("name", ["tiny", "quickstart", "base"])
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "quickstart-50hz", "base"])
 def test_encode_decode_shapes(name: str) -> None:
     torch.manual_seed(0)
     cfg = codec_config(name)["model"]
