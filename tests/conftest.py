@@ -32,6 +32,12 @@ def corpus_config(preset: str, out: Path, *overrides: str) -> DictConfig:
         return compose("build_corpus", overrides=[f"corpus={preset}", f"out={out}", *overrides])
 
 
+def train_config(*overrides: str) -> DictConfig:
+    """configs/train.yaml with overrides (stage=... first), as train.py composes it."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny corpus at <tmp>/data/corpus-tiny: where `experiment=tiny paths.root_dir=<tmp>` looks."""

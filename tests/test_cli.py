@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import train_config
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
@@ -58,9 +58,7 @@ def test_unknown_override_is_a_clear_error() -> None:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("stage", train.available_stages())
 def test_every_stage_and_experiment_composes(stage: str, experiment: str, tmp_path: Path) -> None:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"stage={stage}", f"experiment={experiment}",
-                                          f"paths.root_dir={tmp_path}"])
+    cfg = train_config(f"stage={stage}", f"experiment={experiment}", f"paths.root_dir={tmp_path}")
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation must resolve
     assert resolved["stage"]["name"] == stage
     assert resolved["paths"]["run_dir"] == f"{tmp_path}/runs/{stage}/{cfg.run_name}"

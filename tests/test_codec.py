@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from hydra import compose, initialize_config_dir
+from conftest import train_config
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -24,7 +24,6 @@ from voxlm.codec.losses import CTCHead
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, lr_factor
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Speech codecs turn sound into numbers.",
@@ -35,9 +34,7 @@ SENTENCES = [
 
 def codec_config(name: str) -> dict:
     """A codec preset as Hydra composes it: a preset may build on another through its defaults list."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=["stage=codec", f"codec={name}"])
-    return OmegaConf.to_container(cfg.codec, resolve=True)
+    return OmegaConf.to_container(train_config("stage=codec", f"codec={name}").codec, resolve=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

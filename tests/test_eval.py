@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SENTENCE_A, white_noise
-from hydra import compose, initialize_config_dir
+from conftest import SENTENCE_A, train_config, white_noise
 
 from voxlm.eval.asr import WhisperJudge, corpus_wer, utterance_wer, utterance_wers
 from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
@@ -28,7 +27,6 @@ from voxlm.eval.speaker import SpeakerJudge
 from voxlm.eval.tts_eval import build_cases, dnsmos_scores, speaker_similarities
 from voxlm.eval.vad import SileroVad
 
-ROOT = Path(__file__).resolve().parents[1]
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 def add_noise(audio: np.ndarray, snr: float, seed: int = 0) -> np.ndarray:
     """The clip plus white noise at `snr` dB below the clip's power."""
@@ -206,9 +204,7 @@ def test_bootstrap_ci() -> None:
 def test_tts_eval_prompts_each_sentence_with_another_recording_of_its_speaker(tiny_corpus: Path) -> None:
     from voxlm.data.dataset import build_dataset
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        data_cfg = compose("train", overrides=["stage=sft", "experiment=tiny",
-                                               f"paths.data_dir={tiny_corpus.parent}"]).data
+    data_cfg = train_config("stage=sft", "experiment=tiny", f"paths.data_dir={tiny_corpus.parent}").data
     for split, reference_split in (("test_seen", "train"), ("test_unseen", "test_unseen")):
         cases = build_cases(data_cfg, split, reference_split, 16000, limit=50, max_prompt_seconds=30.0)
         references = build_dataset(data_cfg, reference_split, sample_rate=16000)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_config
 from datasets import load_from_disk
 
 from voxlm.codec.module import load_codec
@@ -100,12 +101,9 @@ def test_tokenize_writes_shards_matching_the_corpus(workspace: Path, codec_run: 
 
 def test_codec_encoding_matches_offline_tokenization(workspace: Path, codec_run: Path) -> None:
     """The shards hold what the codec gives for the same (processed) clip encoded on its own."""
-    from hydra import compose, initialize_config_dir
-
     from voxlm.data.dataset import build_dataset
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}"])
+    cfg = train_config("stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
     codec = load_codec(codec_run)
     dataset = build_dataset(cfg.data, "val", sample_rate=codec.sample_rate)
     val_shards = CodeShards(workspace / "runs/tokenize/tiny/shards/val")
