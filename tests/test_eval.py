@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SENTENCE_A, train_config, white_noise
+from conftest import ROOT, SENTENCE_A, train_config, white_noise
 
-from voxlm.eval.asr import WhisperJudge, corpus_wer, utterance_wer, utterance_wers
+from voxlm.eval.asr import WhisperJudge, corpus_wer, is_repetition_loop, utterance_wer, utterance_wers
 from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
 from voxlm.eval.dnsmos import DnsmosJudge
 from voxlm.eval.report import (
@@ -50,6 +52,29 @@ def test_whisper_reads_speech_not_noise(whisper: WhisperJudge, speech: dict) -> 
     assert utterance_wer(SENTENCE_A, hypotheses[0]) <= 0.25, hypotheses[0]
     assert utterance_wer(SENTENCE_A, hypotheses[1]) >= 0.9, hypotheses[1]
     assert whisper.wer([SENTENCE_A, SENTENCE_A], hypotheses[:2]) > 0.45
+
+
+def test_repetition_loops_are_told_from_sentences() -> None:
+    assert is_repetition_loop("Sure, " * 28)
+    assert is_repetition_loop("I'm going to go to the top of the bottom" + " of the bottom" * 20)
+    assert not is_repetition_loop(SENTENCE_A)
+    assert not is_repetition_loop("and he coupled the five curtains one to another")
+    assert not is_repetition_loop("")
+
+
+def test_loop_guard_rescores_a_saved_evaluation(tmp_path: Path) -> None:
+    """scripts/loop_guard.py counts a looping transcript as heard nothing, on both sides of the ratio."""
+    records = [{"text": "one two three four", "heard": "one two three four",
+                "heard_ground_truth": "one two three four"},
+               {"text": "five six", "heard": "sure, " * 20, "heard_ground_truth": "five six"}]
+    (tmp_path / "tts_eval.json").write_text(json.dumps({"records": {"test_seen": records}}))
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/loop_guard.py"), str(tmp_path)],
+                            capture_output=True, text=True, check=True)
+    synthesis = next(line for line in result.stdout.splitlines() if "| synthesis |" in line)
+    # As judged: 2 misses + 18 insertions in 6 words; as heard nothing: the 2 words missed.
+    assert synthesis.endswith(f"| 1 | {20 / 6:.3f} | {2 / 6:.3f} |"), synthesis
+    assert "| ground truth | 0 | 0.000 | 0.000 |" in result.stdout
+    assert "through the codec" not in result.stdout  # not in these records
 
 
 def test_wer_normalizes_both_sides() -> None:

@@ -12,6 +12,7 @@ WER is scored after `normalize_for_wer` on BOTH the reference and the hypothesis
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import jiwer
@@ -21,6 +22,9 @@ from voxlm.data.audio import resample
 from voxlm.data.text import normalize_for_wer
 
 WHISPER_SAMPLE_RATE = 16000
+# Whisper's own test for a decoding stuck in a loop (OpenAI's and faster-whisper's `transcribe` default):
+# text that zlib compresses more than 2.4x repeats itself.
+LOOP_COMPRESSION_RATIO = 2.4
 
 
 def bundled_whisper_path() -> str:
@@ -97,3 +101,13 @@ def utterance_wers(references: list[str], hypotheses: list[str]) -> list[float]:
 def utterance_wer(reference: str, hypothesis: str) -> float:
     """WER of one utterance (NaN when the reference is empty after normalization)."""
     return utterance_wers([reference], [hypothesis])[0]
+
+
+def is_repetition_loop(transcript: str, threshold: float = LOOP_COMPRESSION_RATIO) -> bool:
+    """Whether a transcript is Whisper repeating itself ("sure, sure, sure, ...") rather than hearing words.
+
+    The judge decodes greedily without Whisper's temperature fallback, so on audio it cannot read it may
+    loop; one such transcript adds tens of insertions to a corpus WER.
+    """
+    data = transcript.encode("utf-8")
+    return bool(data) and len(data) / len(zlib.compress(data)) > threshold
