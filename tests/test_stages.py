@@ -42,6 +42,13 @@ def codec_run(workspace: Path) -> Path:
     return workspace / "runs" / "codec" / "tiny"
 
 
+@pytest.fixture(scope="module")
+def shards_dir(workspace: Path, codec_run: Path) -> Path:
+    """The tiny corpus tokenized by the tiny codec (a later run finds the splits complete and skips them)."""
+    run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
+    return workspace / "runs" / "tokenize" / "tiny" / "shards"
+
+
 def test_codec_run_folder(codec_run: Path) -> None:
     for name in ("config.yaml", "metrics.json", "codec.pt", "checkpoints/last.ckpt"):
         assert (codec_run / name).exists(), name
@@ -63,13 +70,12 @@ def test_codec_run_resumes_from_last_checkpoint(workspace: Path, codec_run: Path
     assert (codec_run / "config.yaml.prev").exists()  # the budget changed, the old config is kept
 
 
-def test_tokenize_writes_shards_matching_the_corpus(workspace: Path, codec_run: Path,
+def test_tokenize_writes_shards_matching_the_corpus(workspace: Path, codec_run: Path, shards_dir: Path,
                                                    tiny_corpus: Path) -> None:
-    run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
     corpus = load_from_disk(str(tiny_corpus))
     codec = load_codec(codec_run)
     for split in ("train", "val", "test_seen", "test_unseen"):
-        shards = CodeShards(workspace / "runs/tokenize/tiny/shards" / split)
+        shards = CodeShards(shards_dir / split)
         assert len(shards) == len(corpus[split])
         assert shards.codebook_size == codec.codebook_size
         by_id = {row["id"]: row for row in corpus[split].remove_columns("audio")}
@@ -80,9 +86,9 @@ def test_tokenize_writes_shards_matching_the_corpus(workspace: Path, codec_run: 
             # trimming shortens a clip a little; never more than the clip itself
             assert 0 < len(item.codes) <= math.ceil(by_id[item.id]["duration"] * codec.frame_rate)
     # a second run finds every split complete and skips it
-    before = (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns
+    before = (shards_dir / "train/meta.json").stat().st_mtime_ns
     run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
-    assert (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns == before
+    assert (shards_dir / "train/meta.json").stat().st_mtime_ns == before
     # a changed codec makes those shards stale: the next run re-encodes them
     saved = torch.load(codec_run / "codec.pt", weights_only=True)
     original = {k: v.clone() for k, v in saved["state_dict"].items()}
@@ -90,23 +96,24 @@ def test_tokenize_writes_shards_matching_the_corpus(workspace: Path, codec_run: 
     torch.save(saved, codec_run / "codec.pt")
     try:
         run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
-        perturbed = (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns
+        perturbed = (shards_dir / "train/meta.json").stat().st_mtime_ns
         assert perturbed != before
     finally:
         saved["state_dict"] = original
         torch.save(saved, codec_run / "codec.pt")
     run_cli("train.py", "stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")  # codec restored
-    assert (workspace / "runs/tokenize/tiny/shards/train/meta.json").stat().st_mtime_ns != perturbed
+    assert (shards_dir / "train/meta.json").stat().st_mtime_ns != perturbed
 
 
-def test_codec_encoding_matches_offline_tokenization(workspace: Path, codec_run: Path) -> None:
+def test_codec_encoding_matches_offline_tokenization(workspace: Path, codec_run: Path,
+                                                    shards_dir: Path) -> None:
     """The shards hold what the codec gives for the same (processed) clip encoded on its own."""
     from voxlm.data.dataset import build_dataset
 
     cfg = train_config("stage=tokenize", "experiment=tiny", f"paths.root_dir={workspace}")
     codec = load_codec(codec_run)
     dataset = build_dataset(cfg.data, "val", sample_rate=codec.sample_rate)
-    val_shards = CodeShards(workspace / "runs/tokenize/tiny/shards/val")
+    val_shards = CodeShards(shards_dir / "val")
     shards = {item.id: item for item in (val_shards[i] for i in range(len(val_shards)))}
     utterance = dataset[0]
     codes = codec.encode(torch.from_numpy(utterance.audio)[None])[0].numpy()
