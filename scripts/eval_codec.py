@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from voxlm.eval.asr import WhisperJudge
 from voxlm.eval.codec_eval import evaluate_codec
 
 
@@ -18,7 +19,8 @@ def main(cfg: DictConfig) -> None:
     evaluate_codec(
         codec_dir=Path(cfg.eval.codec_run), data_cfg=cfg.data, out_dir=Path(cfg.eval.out),
         splits=list(cfg.eval.splits), limit=int(cfg.eval.max_utterances),
-        chunk_frames=list(cfg.eval.stream_chunk_frames), include_librivox=bool(cfg.eval.librivox),
+        chunk_frames=list(cfg.eval.stream_chunk_frames), judge=WhisperJudge.from_config(cfg.judges.asr),
+        include_librivox=bool(cfg.eval.librivox),
     )
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from voxlm.eval.tts_eval import evaluate_tts
+from voxlm.eval.tts_eval import Judges, evaluate_tts
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval_tts")
 def main(cfg: DictConfig) -> None:
-    evaluate_tts(cfg.eval, cfg.data)
+    evaluate_tts(cfg.eval, cfg.data, Judges.load(cfg.judges))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> None:
     model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
     sampling = SamplingConfig(**OmegaConf.to_container(ev.sampling))
     generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None
-    judge = WhisperJudge()
+    judge = WhisperJudge.from_config(cfg.judges.asr)
     shuffle = np.random.default_rng(int(ev.seed))
     rate, table, report = codec.frame_rate, {}, {"speechlm_run": str(ev.speechlm_run), "conditions": {}}
     for name, condition in ev.conditions.items():

@@ -81,9 +81,10 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarr
 
 @pytest.fixture(scope="session")
 def whisper() -> WhisperJudge:
+    """The judge every evaluation and reward uses: as configs/train.yaml's `judges.asr` describes it."""
     from voxlm.eval.asr import WhisperJudge
 
-    return WhisperJudge()
+    return WhisperJudge.from_config(train_config("stage=sft").judges.asr)
 
 
 @pytest.fixture(scope="session")

@@ -347,12 +347,21 @@ def test_eval_tts_report(workspace: Path, tiny_corpus: Path, sft_runs: dict[str,
     for name, rows in report["conditions"].items():
         assert set(rows) == {"synth", "ground_truth", "codec_resynth"}
         assert rows["synth"]["n"] == len(report["records"][name]) > 0
-        assert rows["ground_truth"]["wer"] < 0.6  # Whisper reads the synthesizers' own recordings
+        # Whisper reads the synthesizers' own recordings (noise scores ~1; on these 3 sentences the espeak
+        # voices, which Whisper tiny.en half misreads, bring the ground truth to ~0.3-0.65)
+        assert rows["ground_truth"]["wer"] < 0.75
         assert rows["ground_truth"]["speaker_sim"] > 0.7  # the reference is the same speaker
         assert rows["synth"]["rtf"] > 0 and 0 <= rows["synth"]["truncated_share"] <= 1
         low, high = report["intervals"][name]["speaker_sim"][1:]
         assert low <= rows["synth"]["speaker_sim"] <= high
-    assert "| test_seen/synth |" in (out / "tts_eval.md").read_text()
+        voices = report["by_speaker"][name]  # the pooled rows, split by voice
+        assert set(voices) == {record["speaker"] for record in report["records"][name]}
+        assert sum(row["n"] for row in voices.values()) == rows["synth"]["n"]
+        if len(voices) == 1:
+            assert next(iter(voices.values()))["wer"] == pytest.approx(rows["synth"]["wer"])
+    assert report["judge"]["beam_size"] == 5  # configs/train.yaml's judges.asr
+    markdown = (out / "tts_eval.md").read_text()
+    assert "| test_seen/synth |" in markdown and "## test_unseen by voice" in markdown
     assert len(list((out / "samples").rglob("*.wav"))) == 6  # 1 sample x 3 wavs x 2 conditions
 
 

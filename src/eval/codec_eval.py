@@ -149,10 +149,9 @@ def evaluate_condition(codec: Codec, clips: list[Clip], judge: WhisperJudge, chu
 
 
 def evaluate_codec(codec_dir: Path, data_cfg: DictConfig, out_dir: Path, splits: list[str], limit: int,
-                   chunk_frames: list[int], include_librivox: bool = True) -> dict:
+                   chunk_frames: list[int], judge: WhisperJudge, include_librivox: bool = True) -> dict:
     """Evaluate the codec of a codec run on each split (+ LibriVox); write JSON, markdown and a figure."""
     codec = load_codec(codec_dir)
-    judge = WhisperJudge()
     conditions = {split: split_clips(data_cfg, split, codec.sample_rate, limit) for split in splits}
     if include_librivox and LIBRIVOX_DIR.is_dir():
         conditions["librivox"] = librivox_clips(codec.sample_rate)

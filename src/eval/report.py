@@ -62,10 +62,11 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: dict[str, dict[str, Any]], columns: list[str] | None = None) -> str:
+def markdown_table(rows: dict[str, dict[str, Any]], columns: list[str] | None = None,
+                   row_label: str = "condition") -> str:
     """Rows are conditions (e.g. test_seen, test_unseen), columns are metrics (default: all, in order)."""
     columns = columns or list(dict.fromkeys(key for row in rows.values() for key in row))
-    lines = ["| condition | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [f"| {row_label} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(_format(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)

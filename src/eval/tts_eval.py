@@ -72,8 +72,9 @@ class Judges:
     dnsmos: DnsmosJudge
 
     @classmethod
-    def load(cls) -> Judges:
-        return cls(WhisperJudge(), SpeakerJudge(), DnsmosJudge())
+    def load(cls, judges_cfg: DictConfig) -> Judges:
+        """The judges that `judges` (configs/train.yaml) describes."""
+        return cls(WhisperJudge.from_config(judges_cfg.asr), SpeakerJudge(), DnsmosJudge())
 
 
 def build_cases(data_cfg: DictConfig, split: str, reference_split: str, sample_rate: int, limit: int,
@@ -247,6 +248,24 @@ def summarize_condition(records: list[dict[str, Any]]) -> dict[str, dict[str, fl
     return {"synth": synth, "ground_truth": ground_truth, "codec_resynth": codec_resynth}
 
 
+def speaker_rows(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """One row per voice: where a pooled ratio hides that Whisper reads some voices' recordings well and
+    others' poorly (an unintelligible synthesis scores ~1 against either)."""
+    by_speaker: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_speaker[record["speaker"]].append(record)
+    rows = {}
+    for speaker, group in sorted(by_speaker.items()):
+        texts = [r["text"] for r in group]
+        rows[speaker] = {
+            "n": len(group), "wer": corpus_wer(texts, [r["heard"] for r in group]),
+            "wer_ground_truth": corpus_wer(texts, [r["heard_ground_truth"] for r in group]),
+            "wer_codec_resynth": corpus_wer(texts, [r["heard_codec_resynth"] for r in group]),
+            "speaker_sim": float(np.mean([r["speaker_sim"] for r in group])),
+        }
+    return rows
+
+
 def intervals(records: list[dict[str, Any]], seed: int = 0) -> dict[str, list[float]]:
     """Bootstrap 95% intervals of the per-utterance means: [mean, low, high]."""
     return {
@@ -271,20 +290,21 @@ def save_samples(name: str, cases: list[Case], outputs: list[dict[str, Any]], co
     return pairs
 
 
-def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges | None = None) -> dict[str, Any]:
+def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges) -> dict[str, Any]:
     """Evaluate eval_cfg.speechlm_run with eval_cfg.codec_run on every condition; write the reports."""
     device = "cuda" if eval_cfg.device == "auto" and torch.cuda.is_available() else (
         "cpu" if eval_cfg.device == "auto" else eval_cfg.device)
     codec = load_codec(eval_cfg.codec_run, map_location=device)
     model, tok = load_speechlm(eval_cfg.speechlm_run, codec.codebook_size, device, eval_cfg.dtype)
-    judges = judges or Judges.load()
     sampling = SamplingConfig(**OmegaConf.to_container(eval_cfg.sampling))
     out_dir = Path(eval_cfg.out)
     sample_rate = codec.sample_rate
     report: dict[str, Any] = {
         "speechlm_run": str(eval_cfg.speechlm_run), "codec_run": str(eval_cfg.codec_run),
         "sampling": OmegaConf.to_container(eval_cfg.sampling), "batch_size": int(eval_cfg.batch_size),
-        "device": device, "dtype": eval_cfg.dtype, "conditions": {}, "intervals": {}, "records": {},
+        "device": device, "dtype": eval_cfg.dtype, "judge": {"asr": judges.asr.model_path,
+                                                              "beam_size": judges.asr.beam_size},
+        "conditions": {}, "intervals": {}, "by_speaker": {}, "records": {},
     }
     table, figure = {}, []
     for name, condition in eval_cfg.conditions.items():
@@ -300,6 +320,7 @@ def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges | No
         rows = summarize_condition(records)
         report["conditions"][name] = rows
         report["intervals"][name] = intervals(records, int(eval_cfg.seed))
+        report["by_speaker"][name] = speaker_rows(records)
         report["records"][name] = records
         for row_name, row in rows.items():
             table[f"{name}/{row_name}"] = row
@@ -310,11 +331,16 @@ def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges | No
                "duration_ratio", "truncated_share"]
     lines = [f"# TTS evaluation: {eval_cfg.speechlm_run}", "",
              f"Codec {eval_cfg.codec_run}; sampling {report['sampling']}; batch {report['batch_size']} on "
-             f"{device}. synth: the SpeechLM after a voice prompt; ground_truth: the recording of the same "
-             "sentence; codec_resynth: that recording through the codec.", "",
+             f"{device}; Whisper beam {judges.asr.beam_size}. synth: the SpeechLM after a voice prompt; "
+             "ground_truth: the recording of the same sentence; codec_resynth: that recording through the "
+             "codec.", "",
              markdown_table(table, columns), "", "## Bootstrap 95% intervals [mean, low, high]", "",
              markdown_table({name: {k: f"[{v[0]:.3f}, {v[1]:.3f}, {v[2]:.3f}]" for k, v in ci.items()}
                              for name, ci in report["intervals"].items()}), ""]
+    for name, rows in report["by_speaker"].items():
+        lines += [f"## {name} by voice", "", markdown_table(rows, ["n", "wer", "wer_ground_truth",
+                                                                   "wer_codec_resynth", "speaker_sim"],
+                                                      row_label="voice"), ""]
     (out_dir / "tts_eval.md").write_text("\n".join(lines))
     if figure:
         plot_mel_pairs(figure, sample_rate, out_dir / "samples" / "mels.png")

@@ -71,7 +71,7 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = load_codec(codec_dir, map_location=device)
     model, tok = load_speechlm(sft_dir, codec.codebook_size, device)
-    judges = Judges.load()
+    judges = Judges.load(cfg.judges)
 
     cases = build_cases(cfg.data, stage.prompts.split, stage.prompts.split, codec.sample_rate,
                         int(stage.prompts.max_prompts), float(stage.prompts.max_prompt_seconds),
