@@ -16,6 +16,7 @@ from conftest import ROOT, SENTENCE_A, train_config, white_noise
 
 from voxlm.eval.asr import WhisperJudge, corpus_wer, is_repetition_loop, utterance_wer, utterance_wers
 from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
+from voxlm.eval.best_of_n import kept_rows
 from voxlm.eval.dnsmos import DnsmosJudge
 from voxlm.eval.report import (
     bootstrap_ci,
@@ -251,3 +252,33 @@ def test_an_empty_synthesis_gets_the_floor_scores(speaker_judge: SpeakerJudge, d
     assert similarity[0] > 0.75 and similarity[1] == 0.0
     clean, empty = dnsmos_scores(dnsmos, [audio, np.zeros(10, np.float32)], sr)
     assert clean["ovrl"] > 2.0 and empty == {"ovrl": 1.0, "sig": 1.0, "bak": 1.0, "p808": 1.0}
+
+
+def test_best_of_n_keeps_each_rules_pick() -> None:
+    """voxlm.eval.best_of_n: 4 candidates x 2 sentences; the readability rule keeps the lowest character
+    error, the oracle the lowest WER, in each group of N."""
+    texts = ["one two", "three four"]
+    heard = np.array([["one", "three four"],            # candidate 0: WER 0.5, 0
+                      ["one two", "sure, " * 20],        # candidate 1: WER 0, a loop
+                      ["one two", "three"],              # candidate 2: WER 0, 0.5
+                      ["two", "four"]], dtype=object)     # candidate 3: WER 0.5, 0.5
+    wer = np.array([utterance_wers(texts, list(row)) for row in heard])
+    error = np.array([[0.9, 0.1], [0.2, 0.5], [0.3, 0.2], [0.1, 0.9]])
+    sim = np.array([[0.5, 0.6], [0.7, 0.8], [0.9, 1.0], [0.1, 0.2]])
+    rows = kept_rows(texts, heard, wer, error, sim, 2)
+    # groups {0, 1} and {2, 3}
+    first = rows["best of 2, first"]
+    assert first["groups"] == 2
+    assert first["wer"] == pytest.approx(1 / 4)  # candidates 0 and 2, one word missed by each
+    assert first["speaker_sim"] == pytest.approx((0.55 + 0.95) / 2)
+    readability = rows["best of 2, readability"]  # {1 for "one two", 0 for "three four"}, {3, 2}
+    assert readability["char_error"] == pytest.approx((0.15 + 0.15) / 2)
+    assert readability["wer"] == pytest.approx((0 + 2 / 4) / 2)
+    oracle = rows["best of 2, oracle"]  # {1, 0}, {2, 3 or 2}: WER 0 then 1/4 at best
+    assert oracle["wer"] == pytest.approx((0 + 1 / 4) / 2)
+    everything = kept_rows(texts, heard, wer, error, sim, 1)["best of 1, first"]
+    assert everything["groups"] == 4
+    # candidate 1's loop: 22 insertions as judged, nothing heard with the guard (2 deletions)
+    looped = (2 + 18) / 4
+    assert everything["wer"] == pytest.approx((1 / 4 + looped + 1 / 4 + 2 / 4) / 4)
+    assert everything["wer_loops_as_silence"] == pytest.approx((1 / 4 + 2 / 4 + 1 / 4 + 2 / 4) / 4)
