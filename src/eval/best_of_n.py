@@ -22,6 +22,8 @@ def kept_rows(texts: list[str], heard: np.ndarray, wer: np.ndarray, error: np.nd
     rules = {"first": lambda group: np.zeros(len(texts), dtype=int),
              "readability": lambda group: error[group].argmin(axis=0),
              "oracle": lambda group: np.nan_to_num(wer[group], nan=np.inf).argmin(axis=0)}
+    if group_size == 1:  # one candidate: every rule keeps it
+        rules = {"first": rules["first"]}
     sentences = np.arange(len(texts))
     rows = {}
     for name, rule in rules.items():

@@ -64,7 +64,8 @@ def _format(value: Any) -> str:
 
 def markdown_table(rows: dict[str, dict[str, Any]], columns: list[str] | None = None,
                    row_label: str = "condition") -> str:
-    """Rows are conditions (e.g. test_seen, test_unseen), columns are metrics (default: all, in order)."""
+    """Rows are conditions (e.g. test_seen, test_unseen) or whatever `row_label` names, columns are metrics
+    (default: all, in order)."""
     columns = columns or list(dict.fromkeys(key for row in rows.values() for key in row))
     lines = [f"| {row_label} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
