@@ -79,8 +79,10 @@ def main(cfg: DictConfig) -> None:
         while group_size <= len(heard):
             rows.update(kept_rows(texts, heard_arr, wer_arr, error_arr, sim_arr, group_size))
             group_size *= 2
+        # A sentence whose candidates all score alike (or whose text has no words to score) says nothing.
         correlations = [np.corrcoef(error_arr[:, i], wer_arr[:, i])[0, 1] for i in range(len(texts))
-                        if error_arr[:, i].std() > 0 and np.nan_to_num(wer_arr[:, i]).std() > 0]
+                        if not np.isnan(wer_arr[:, i]).any() and error_arr[:, i].std() > 0
+                        and wer_arr[:, i].std() > 0]
         report["conditions"][name] = {
             "n": len(texts), "rows": rows,
             "error_wer_correlation": float(np.mean(correlations)) if correlations else None,
