@@ -28,7 +28,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from voxlm.codec.align import character_error, load_ctc_head
+from voxlm.codec.align import character_error, require_ctc_head
 from voxlm.codec.module import load_codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import WhisperJudge, utterance_wers
@@ -46,9 +46,7 @@ log = logging.getLogger("best_of_n")
 def main(cfg: DictConfig) -> None:
     ev = cfg.eval
     codec = load_codec(ev.codec_run).eval()
-    head = load_ctc_head(ev.codec_run)
-    if head is None:
-        raise ValueError(f"{ev.codec_run} has no CTC head: the readability rule reads the codes with it")
+    head = require_ctc_head(ev.codec_run, "the readability rule reads the codes with it")
     model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
     asr, speaker = WhisperJudge.from_config(cfg.judges.asr), SpeakerJudge()
     sampling = OmegaConf.to_container(ev.sampling)

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from voxlm.codec.align import character_error, load_ctc_head, transcript_timings
+from voxlm.codec.align import character_error, require_ctc_head, transcript_timings
 from voxlm.codec.module import load_codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import WhisperJudge, corpus_wer
@@ -40,9 +40,7 @@ WAYS = ("ground_truth", "free", "given_timing", "teacher_forced", "teacher_force
 def main(cfg: DictConfig) -> None:
     ev = cfg.eval
     codec = load_codec(ev.codec_run).eval()
-    head = load_ctc_head(ev.codec_run)
-    if head is None:
-        raise ValueError(f"{ev.codec_run} has no CTC head: the timings come from its forced alignment")
+    head = require_ctc_head(ev.codec_run, "the timings come from its forced alignment")
     model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
     sampling = SamplingConfig(**OmegaConf.to_container(ev.sampling))
     generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None

@@ -120,6 +120,15 @@ def test_codec_encoding_matches_offline_tokenization(workspace: Path, codec_run:
     np.testing.assert_array_equal(shards[utterance.id].codes, codes[: len(shards[utterance.id].codes)])
 
 
+def test_tools_that_read_codes_say_when_the_codec_has_no_ctc_head(codec_run: Path, tmp_path: Path) -> None:
+    """The tiny codec trains without its CTC head (loss weight ctc 0); given_timing and best_of_n need it."""
+    from voxlm.codec.align import load_ctc_head, require_ctc_head
+
+    assert load_ctc_head(codec_run) is None and load_ctc_head(tmp_path) is None
+    with pytest.raises(ValueError, match="has no CTC head .*: the readability rule reads the codes with it"):
+        require_ctc_head(codec_run, "the readability rule reads the codes with it")
+
+
 def test_eval_codec_report(workspace: Path, codec_run: Path) -> None:
     run_cli("scripts/eval_codec.py", "experiment=tiny", f"paths.root_dir={workspace}",
             "eval.max_utterances=2")

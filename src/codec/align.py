@@ -41,6 +41,15 @@ def load_ctc_head(codec_run: str | Path) -> CTCHead | None:
     return head.eval()
 
 
+def require_ctc_head(codec_run: str | Path, needed_for: str) -> CTCHead:
+    """`load_ctc_head`, for a tool that cannot work without the head: a clear error names what needs it."""
+    head = load_ctc_head(codec_run)
+    if head is None:
+        raise ValueError(f"{codec_run} has no CTC head (its codec trained with loss weight ctc 0, or the run "
+                         f"has no checkpoint): {needed_for}")
+    return head
+
+
 def code_log_probs(head: CTCHead, quantizer: FSQ, codes: np.ndarray) -> torch.Tensor:
     """The head's log-probabilities [frames, blank + alphabet] for an utterance's codes."""
     latents = quantizer.codes_to_latent(torch.as_tensor(np.asarray(codes), dtype=torch.long))
