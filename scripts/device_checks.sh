@@ -4,11 +4,13 @@
 # or runs out of time loses nothing of the steps before it.
 #
 #   bash scripts/device_checks.sh prepare       # on the CPU box: copy what the checks read into .devdata/
-#   bash scripts/device_checks.sh [STEP ...]    # on the device; default: env train export bench
+#   bash scripts/device_checks.sh [STEP ...]    # on the device; default: env matmul train export bench
 #   DEVICE=cpu bash scripts/device_checks.sh    # dry run of the same steps on the CPU, tiny sizes
 #
 # Steps (device, in this order):
 #   env     versions, GPU, and that every module the steps import is there          -> env.txt
+#   matmul  issue 6: scripts/check_max_matmul.py, the SpeechLM graph's matmul patterns per row count in
+#           bf16 and float32 against float64 (modular/modular#6883)              -> matmul.json, matmul.md
 #   train   issue 4: `train.py stage=pretrain experiment=base trainer=gpu` from scratch (bf16-mixed), 30
 #           optimizer steps of 16 x 2048 tokens (micro-batches + accumulation when 16 rows do not fit), on
 #           random-code shards of the base codebook over the quickstart utterances  -> train/, train_bench.*
@@ -18,7 +20,7 @@
 #           base-shaped SpeechLM                                                    -> bench_export_*.json
 #   export-f32  (extra, if asked) the same export in float32 on the GPU             -> parity-f32/
 #
-# Environment: DEVICE (gpu|cpu, default gpu), OUT (default /tmp/device-checks), WORK (scratch, default
+# Environment: SPEECHLM_RUN (what prepare copies, default runs/rlhf/quickstart), DEVICE (gpu|cpu, default gpu), OUT (default /tmp/device-checks), WORK (scratch, default
 # /tmp/voxlm-device), BUDGET_S (whole run, default 450), PY (default python3; .venv/bin/python for cpu),
 # TRAIN_MB (micro-batch rows; default: 8 on a >= 120 GiB GPU, else 4; halved on out-of-memory),
 # TRAIN_STEPS (30), TRAIN_WARMUP (5), MODULAR_CACHE_DIR (default /root/modular-cache on the GPU), DRY_DTYPE
@@ -40,10 +42,13 @@ prepare() {
   set -e
   local py=${PY:-.venv/bin/python}
   grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >> .git/info/exclude
+  local speechlm=${SPEECHLM_RUN:-runs/rlhf/quickstart}
   rm -rf $DATA && mkdir -p $DATA/runs/rlhf/quickstart/hf $DATA/runs/codec/quickstart
-  # The SpeechLM (hf/ only), the codec (codec.pt + its config), the utterances of the quickstart tokenize run.
-  cp runs/rlhf/quickstart/hf/{config.json,generation_config.json,model.safetensors,speech_layout.json} \
-     runs/rlhf/quickstart/hf/{tokenizer.json,tokenizer_config.json} $DATA/runs/rlhf/quickstart/hf/
+  # The SpeechLM (hf/ only; under the name the steps read), the codec (codec.pt + its config), the
+  # utterances of the quickstart tokenize run.
+  cp $speechlm/hf/{config.json,generation_config.json,model.safetensors,speech_layout.json} \
+     $speechlm/hf/{tokenizer.json,tokenizer_config.json} $DATA/runs/rlhf/quickstart/hf/
+  echo "$speechlm" > $DATA/runs/rlhf/quickstart/SOURCE
   cp runs/codec/quickstart/{codec.pt,config.yaml} $DATA/runs/codec/quickstart/
   for split in train val; do
     mkdir -p $DATA/tokenize-quickstart/shards/$split
@@ -97,7 +102,7 @@ esac
 
 # ------------------------------------------------------------------------------------------ device (or dry run)
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(env train export bench)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(env matmul train export bench)
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 TOKENIZERS_PARALLELISM=false
 if [ "$DEVICE" = gpu ]; then
@@ -255,6 +260,11 @@ step_export() {  # $1: dtype
   return $rc
 }
 
+step_matmul() {
+  run matmul 180 "$PY" scripts/check_max_matmul.py --device "$DEVICE" --out "$OUT/matmul.json"
+  cat "$OUT/matmul.md" 2>/dev/null | sed 's/^/    /'
+}
+
 step_bench() {
   local repeats=30 preset=base
   [ "$DEVICE" = cpu ] && repeats=3 preset=tiny
@@ -268,6 +278,7 @@ step_bench() {
 for step in "${STEPS[@]}"; do
   case $step in
     env) step_env ;;
+    matmul) step_matmul ;;
     train) step_train ;;
     export) step_export "$DTYPE" ;;
     export-f32) step_export float32 ;;
@@ -280,7 +291,7 @@ done
   grep -E "^(python|torch|transformers|max |cuda|max accelerator)|MISSING|FAILED" "$OUT/env.txt" 2>/dev/null
   echo "MAX graphs in the cache: $MEFS_BEFORE before, $(mef_count) after (more after = compiled here)"
   echo '```'; cat "$OUT/steps.tsv"; echo '```'
-  for f in train_bench.md parity-bf16/parity.md parity-f32/parity.md; do
+  for f in matmul.md train_bench.md parity-bf16/parity.md parity-f32/parity.md; do
     [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }
   done
   for f in bench-quickstart bench-base; do

@@ -14,11 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from max.dtype import DType
+from max.graph import DeviceRef
 from omegaconf import OmegaConf
 from transformers import DynamicCache, LlamaForCausalLM
 
 from voxlm.export.kernels import CodeSamplerParams, sample_codes
-from voxlm.export.speechlm import MaxKVCache, MaxSpeechLM
+from voxlm.export.sessions import compile_once
+from voxlm.export.speechlm import LlamaShape, MaxKVCache, MaxSpeechLM, build_graph, weight_registry
 from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, generate_codes, left_pad
 from voxlm.speechlm.model import build_model
 from voxlm.speechlm.sequences import tts_prompt
@@ -235,3 +238,36 @@ def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, 
     with torch.no_grad():
         want = torch_lm(**kwargs, cache=DynamicCache(config=torch_lm.config))
     assert_close(max_lm(**kwargs).logits, want.logits)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_gpu_graph_computes_the_same_logits_on_the_cpu(tok: SpeechTokenizer, tied: bool) -> None:
+    """The GPU's graph (past K/V passed in and handed back, sliced RoPE, projections held in HF's [out, in]
+    layout and multiplied x @ w.T) compiled for the CPU: its logits match PyTorch at prefill and over decode
+    steps, so a disagreement on a GPU is the device's, not the graph's. Tied too: the lm_head then shares the
+    embedding's [vocab, hidden] tensor as it is."""
+    torch_lm = tiny_lm(tok, tied=tied, seed=2)
+    shape = LlamaShape.from_config(torch_lm.config)
+    session, compiled = compile_once(
+        ("speechlm_gpu_layout", shape), "cpu",
+        lambda: build_graph(shape, DType.float32, DeviceRef.CPU(), with_past=True, out_in=True))
+    weights = weight_registry(torch_lm.state_dict(), shape, "float32", tied, out_in=True)
+    assert weights["model.layers.0.self_attn.qkv_proj.weight"].shape[0] == (
+        (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim)   # [out, in]
+    graph = session.init(compiled, weights_registry=weights)
+
+    ids, mask = left_pad(prompts(tok), tok.pad_id)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    past = [torch.zeros(len(ids), shape.num_kv_heads, 0, shape.head_dim)] * (2 * shape.num_layers)
+    cache = DynamicCache(config=torch_lm.config)
+    for _ in range(4):
+        with torch.no_grad():
+            want = torch_lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                            use_cache=True, logits_to_keep=1)
+        logits, *past = graph.execute(ids, mask, positions, *[p.contiguous() for p in past])
+        past = [torch.from_dlpack(p) for p in past]
+        assert_close(torch.from_dlpack(logits), want.logits[:, -1])
+        assert past[0].shape[2] == mask.shape[1]
+        cache, ids = want.cache, want.logits[:, -1].argmax(-1, keepdim=True)
+        positions = mask.sum(1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
