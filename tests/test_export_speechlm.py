@@ -21,7 +21,14 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from voxlm.export.kernels import CodeSamplerParams, sample_codes
 from voxlm.export.sessions import compile_once
-from voxlm.export.speechlm import LlamaShape, MaxKVCache, MaxSpeechLM, build_graph, weight_registry
+from voxlm.export.speechlm import (
+    LlamaShape,
+    MaxKVCache,
+    MaxSpeechLM,
+    build_decode_graph,
+    build_graph,
+    weight_registry,
+)
 from voxlm.speechlm.generate import SamplingConfig, allowed_tokens, generate_codes, left_pad
 from voxlm.speechlm.model import build_model
 from voxlm.speechlm.sequences import tts_prompt
@@ -271,3 +278,14 @@ def test_the_gpu_graph_computes_the_same_logits_on_the_cpu(tok: SpeechTokenizer,
         cache, ids = want.cache, want.logits[:, -1].argmax(-1, keepdim=True)
         positions = mask.sum(1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [DType.float32, DType.bfloat16])
+def test_every_speechlm_graph_builds_in_each_dtype(tok: SpeechTokenizer, dtype: DType) -> None:
+    """Building (not compiling: that is seconds, not minutes) each graph an export can ask for: the CPU's
+    prefill and decode graphs and the GPU's graph, in float32 and bfloat16. A bfloat16 constant made from a
+    float32 array broke the CPU's bf16 export once, unseen, since only float32 is compiled in the tests."""
+    shape = LlamaShape.from_config(tiny_lm(tok, tied=False, seed=0).config)
+    graphs = [build_graph(shape, dtype, DeviceRef.CPU(), with_past=False), build_decode_graph(shape, dtype),
+              build_graph(shape, dtype, DeviceRef.GPU(), with_past=True)]
+    assert len({graph.name for graph in graphs}) == 3

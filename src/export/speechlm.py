@@ -291,7 +291,8 @@ def rotate(x: TensorValue, cos: TensorValue, sin: TensorValue) -> TensorValue:
     swap = np.zeros((2 * half, 2 * half), np.float32)
     swap[np.arange(half) + half, np.arange(half)] = -1.0   # out[:half] = -x[half:]
     swap[np.arange(half), np.arange(half) + half] = 1.0    # out[half:] = x[:half]
-    return x * cos + (x @ ops.constant(swap, x.dtype, device=x.device)) * sin
+    swap = ops.constant(swap, DType.float32, device=x.device).cast(x.dtype)  # exact: entries are 0, +-1
+    return x * cos + (x @ swap) * sin
 
 
 def attention_bias(attention_mask: TensorValue, T: Dim, P: Dim, dtype: DType,
