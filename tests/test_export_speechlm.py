@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from transformers import DynamicCache, LlamaForCausalLM
 
 from voxlm.export.kernels import CodeSamplerParams, sample_codes
+from voxlm.export.parity import divergence_margins
 from voxlm.export.sessions import compile_once
 from voxlm.export.speechlm import (
     LlamaShape,
@@ -249,18 +250,15 @@ def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_gpu_graph_computes_the_same_logits_on_the_cpu(tok: SpeechTokenizer, tied: bool) -> None:
-    """The GPU's graph (past K/V passed in and handed back, sliced RoPE, projections held in HF's [out, in]
-    layout and multiplied x @ w.T) compiled for the CPU: its logits match PyTorch at prefill and over decode
-    steps, so a disagreement on a GPU is the device's, not the graph's. Tied too: the lm_head then shares the
-    embedding's [vocab, hidden] tensor as it is."""
+    """The GPU's graph (past K/V passed in and handed back as past + new, RoPE by slices) compiled for the
+    CPU: its logits match PyTorch at prefill and over decode steps, so a disagreement on a GPU is the
+    device's kernels, not the graph. Tied too (the lm_head bound to the embedding)."""
     torch_lm = tiny_lm(tok, tied=tied, seed=2)
     shape = LlamaShape.from_config(torch_lm.config)
     session, compiled = compile_once(
-        ("speechlm_gpu_layout", shape), "cpu",
-        lambda: build_graph(shape, DType.float32, DeviceRef.CPU(), with_past=True, out_in=True))
-    weights = weight_registry(torch_lm.state_dict(), shape, "float32", tied, out_in=True)
-    assert weights["model.layers.0.self_attn.qkv_proj.weight"].shape[0] == (
-        (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim)   # [out, in]
+        ("speechlm_with_past", shape), "cpu",
+        lambda: build_graph(shape, DType.float32, DeviceRef.CPU(), with_past=True))
+    weights = weight_registry(torch_lm.state_dict(), shape, "float32", tied)
     graph = session.init(compiled, weights_registry=weights)
 
     ids, mask = left_pad(prompts(tok), tok.pad_id)
@@ -289,3 +287,20 @@ def test_every_speechlm_graph_builds_in_each_dtype(tok: SpeechTokenizer, dtype: 
     graphs = [build_graph(shape, dtype, DeviceRef.CPU(), with_past=False), build_decode_graph(shape, dtype),
               build_graph(shape, dtype, DeviceRef.GPU(), with_past=True)]
     assert len({graph.name for graph in graphs}) == 3
+
+
+def test_greedy_rows_may_part_from_pytorch_only_at_a_near_tie() -> None:
+    """The gate's greedy rule (voxlm.export.parity.divergence_margins): where a row first parts from
+    PyTorch's, the margin is PyTorch's logit of its token minus that of the exported one, at that step."""
+    reference_logits = torch.zeros(3, 4, 6)
+    reference_logits[:, :, 1] = 5.0                  # PyTorch's pick: token 1 at every step
+    reference_logits[1, 2, 3] = 4.9                  # row 1, step 2: token 3 a near tie (0.1 below)
+    reference_logits[2, 1, 4] = 2.0                  # row 2, step 1: token 4 is 3.0 below
+    reference = torch.ones(3, 4, dtype=torch.long)
+    exported = reference.clone()
+    exported[1, 2:] = torch.tensor([3, 0])           # parts at step 2 (later steps follow its own path)
+    exported[2, 1:] = 4
+    margins = divergence_margins(reference_logits, reference, exported)
+    assert margins[0] == (None, 0.0)
+    assert margins[1][0] == 2 and margins[1][1] == pytest.approx(0.1)
+    assert margins[2] == (1, 3.0)

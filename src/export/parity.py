@@ -6,7 +6,12 @@ Checks, each a number against a threshold from config (per dtype):
   and over decode steps through the KV cache; the largest absolute logit difference, and that difference
   over the largest |logit| (relative);
 - speechlm/greedy: greedy decoding over the code block for `greedy_tokens` steps from each prompt; the share
-  of rows whose tokens are identical to PyTorch's (1.0 = every row, every token);
+  of rows whose tokens are PyTorch's, up to a near tie: a row may part from PyTorch's only at a step where
+  PyTorch itself scored the two tokens within twice the accepted logit error (`logits_max_abs`) of each
+  other, since an error that the logits check admits can swap them. Before that step both sides read the
+  same tokens, so the comparison is fair. In float32 (1e-3) that means identical rows; in bfloat16 a flip
+  between two codes a fraction of a logit apart no longer fails an export whose logits agree (the approach
+  of vLLM's check_logprobs_close);
 - codec/decode: the MAX offline decode of the prompts' real codes against PyTorch's, SNR in dB;
 - codec/stream: the MAX streaming decode (the server's chunk schedule) against PyTorch's offline decode;
 - codec/encode: the share of frames whose MAX code equals PyTorch's for the real recordings.
@@ -14,6 +19,7 @@ Checks, each a number against a threshold from config (per dtype):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +33,8 @@ from voxlm.codec.model import Codec
 from voxlm.eval.audio_metrics import snr_db
 from voxlm.speechlm.generate import left_pad
 from voxlm.speechlm.tokenizer import SpeechTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,15 +96,39 @@ def speechlm_checks(torch_model: PreTrainedModel, max_model: Any, tok: SpeechTok
     exported, _ = run(max_model, max(decode_steps, 1), reference_tokens)
     worst_abs = max(float((r - e).abs().max()) for r, e in zip(reference, exported, strict=True))
     largest = max(float(r.abs().max()) for r in reference)
-    _, greedy_reference = run(torch_model, greedy_tokens, None)
+    reference_logits, greedy_reference = run(torch_model, greedy_tokens, None)
     _, greedy_exported = run(max_model, greedy_tokens, None)
-    same_rows = (torch.stack(greedy_reference, 1) == torch.stack(greedy_exported, 1)).all(1).float().mean()
+    margins = divergence_margins(torch.stack(reference_logits, 1), torch.stack(greedy_reference, 1),
+                                 torch.stack(greedy_exported, 1))
+    for row, (step, margin) in enumerate(margins):
+        if step is not None:
+            log.info("greedy row %d parts from PyTorch's at step %d, where PyTorch's two logits were %.3g "
+                     "apart", row, step, margin)
+    tie = 2 * thresholds["logits_max_abs"]
+    kept = sum(step is None or margin <= tie for step, margin in margins) / len(margins)
     return [
         Check("speechlm", "logits_max_abs", worst_abs, thresholds["logits_max_abs"], False),
         Check("speechlm", "logits_rel", worst_abs / max(largest, 1e-12), thresholds["logits_rel"], False),
-        Check("speechlm", f"greedy_{greedy_tokens}_tokens_identical_rows", float(same_rows),
+        Check("speechlm", f"greedy_{greedy_tokens}_tokens_same_rows_up_to_near_ties", kept,
               thresholds["greedy_match"], True),
     ]
+
+
+def divergence_margins(reference_logits: torch.Tensor, reference: torch.Tensor,
+                       exported: torch.Tensor) -> list[tuple[int | None, float]]:
+    """Per row: (the first step whose token differs, or None; PyTorch's logit of its own token there minus
+    its logit of the exported token, >= 0). reference_logits [B, steps, vocab] are PyTorch's at each step of
+    its own greedy run, which both runs share up to that first difference."""
+    margins = []
+    for row in range(len(reference)):
+        differs = torch.nonzero(reference[row] != exported[row]).flatten()
+        if len(differs) == 0:
+            margins.append((None, 0.0))
+            continue
+        step = int(differs[0])
+        logits = reference_logits[row, step]
+        margins.append((step, float(logits[reference[row, step]] - logits[exported[row, step]])))
+    return margins
 
 
 def stream_in_chunks(decoder: Any, codes: torch.Tensor, chunk_frames: Sequence[int]) -> np.ndarray:

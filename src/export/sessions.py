@@ -9,6 +9,8 @@ model files (voxlm.export.artifact) rather than trusting the match.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from max.driver import CPU, Accelerator, Device
 from max.engine import CompiledModel, InferenceSession
 from max.graph import DeviceRef, Graph
 
+log = logging.getLogger(__name__)
 _SESSIONS: dict[str, InferenceSession] = {}
 _COMPILED: dict[Hashable, CompiledModel] = {}
 _MEFS: dict[str, Path | None] = {"export_to": None, "precompiled": None}
@@ -59,6 +62,12 @@ def compile_once(key: Hashable, device: str, build: Callable[[], Graph]) -> tupl
     current = session(device)
     full_key = (key, device)
     if full_key not in _COMPILED:
+        graph = build()
+        # Logged because a cold compile is most of an export's time (minutes; on a GPU too), and a run cut
+        # short by a time limit should still say which graph it was compiling and how long the others took.
+        log.info("compiling %s for %s", graph.name, device)
+        started = time.perf_counter()
         # compile_reusing_mefs, not compile: only it writes to or reads from the session's MEF store.
-        _COMPILED[full_key] = current.compile_reusing_mefs(build())
+        _COMPILED[full_key] = current.compile_reusing_mefs(graph)
+        log.info("compiled %s for %s in %.1f s", graph.name, device, time.perf_counter() - started)
     return current, _COMPILED[full_key]

@@ -27,15 +27,14 @@ Pitfalls met while writing it (MAX 26.7, CPU):
   came out wrong (the fused elementwise kernel lost the query axis); `band_part` + `concat` is right;
 - -inf in the additive mask turns a fully masked row (a left-padding query) into NaN, which then leaks into
   real rows through 0 * NaN in the attention-weighted sum: masked scores get a large finite negative instead;
-- `x @ w.T` on HF's [out, in] weights re-transposed every weight on every call: on the CPU they are stored
-  [in, out] and multiplied x @ w. The GPU keeps HF's layout and x @ w.T, as MAX's own Linear does (see
-  `projections_out_in`).
+- `x @ w.T` on HF's [out, in] weights re-transposed every weight on every call: they are stored [in, out].
 - `parallelize` inside the Mojo op costs more than a decode step's attention takes: it runs serially.
 - slices and concatenations of activations are copied by a slow generic kernel: RoPE's rotate_half as
   slice + concat cost 2.7 ms of a 460-token prefill, as a matmul by a signed permutation it is exact and
   ~5x cheaper. With that, no past concatenation on the CPU and the last layer run for the last position
   only, a 460-token prefill went from 28.0 to 18.7 ms (docs/benchmarks.md).
-Checked on CPU in float32 (tests/test_export_speechlm.py, tests/test_kernels.py); on the GPU see docs.
+Checked on CPU in float32 (tests/test_export_speechlm.py, tests/test_kernels.py), the GPU's graph too
+(compiled for the CPU); on the GPU see docs.
 """
 
 from __future__ import annotations
@@ -92,17 +91,15 @@ class LlamaShape:
 # --- the graph ----------------------------------------------------------------------------------------------
 
 def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceRef | None = None,
-                with_past: bool = True, out_in: bool | None = None) -> Graph:
+                with_past: bool = True) -> Graph:
     """The Llama forward over a KV cache passed in and handed back (past + new, concatenated): decode steps
     where the in-place graph does not run (GPU), and prefill. `with_past=False` is the CPU's prefill graph:
     no past inputs, so the new K/V are handed back as they are, without a concatenation's copy; and, as the
-    CPU's decode graph, it samples the next tokens too (`sampler_inputs`). Outputs: logits, [tokens,] K/V.
-    `out_in`: the projections' layout (`projections_out_in`; None: the device's)."""
+    CPU's decode graph, it samples the next tokens too (`sampler_inputs`). Outputs: logits, [tokens,] K/V."""
     device = device or DeviceRef.CPU()
-    out_in = projections_out_in(device) if out_in is None else out_in
     s = shape
     kv_type = TensorType(dtype, ["batch", s.num_kv_heads, "past", s.head_dim], device=device)
-    key = hashlib.sha1(repr((s, dtype, device, with_past, out_in)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((s, dtype, device, with_past)).encode()).hexdigest()[:12]
     extra_types = [kv_type] * (2 * s.num_layers) if with_past else sampler_inputs(s.vocab_size)
 
     with Graph(f"speechlm_{key}", input_types=token_inputs(device) + extra_types,
@@ -114,7 +111,7 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
         attention_mask = ops.rebind(attention_mask, [B, P + T], message="attention_mask must be [B, P+T]")
         bias = attention_bias(attention_mask, T, P, dtype, device)
         cos, sin = rope_tables(position_ids, s.head_dim, s.rope_theta, dtype, device)
-        weight = weights_of(graph, dtype, device, out_in)
+        weight = weights_of(graph, dtype, device)
 
         x = ops.gather(weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size), ids, axis=0)
         new_cache = []
@@ -162,7 +159,7 @@ def build_decode_graph(shape: LlamaShape, dtype: DType = DType.float32) -> Graph
         B, T = ids.shape
         cos, sin = rope_tables(position_ids, s.head_dim, s.rope_theta, dtype, device)
         cos, sin = (table.reshape([B, T, s.head_dim]) for table in (cos, sin))
-        weight = weights_of(graph, dtype, device, out_in=False)
+        weight = weights_of(graph, dtype, device)
 
         x = ops.gather(weight("model.embed_tokens.weight", s.vocab_size, s.hidden_size), ids, axis=0)
         for i in range(s.num_layers):
@@ -209,29 +206,10 @@ def sampled(logits: TensorValue, logit_bias: TensorValue, recent: TensorValue, u
     return tokens
 
 
-def projections_out_in(device: DeviceRef) -> bool:
-    """Whether the graph holds its projections in HF's [out, in] layout and multiplies x @ w.T (the GPU), or
-    transposed, [in, out], multiplied x @ w (the CPU).
-
-    The CPU: MAX 26.7 there transposed an [out, in] weight on every call (decode steps ~30% slower). The GPU:
-    x @ w is the pattern of modular/modular#6883 (bf16 matmul wrong past 8 rows on Hopper), which
-    scripts/check_max_matmul.py measures; x @ w.T is the one MAX's own Linear and Llama pipelines run."""
-    return device != DeviceRef.CPU()
-
-
-def is_projection(name: str) -> bool:
-    """A state_dict weight that multiplies activations (its layout follows `projections_out_in`)."""
-    return name.endswith("_proj.weight") or name == "lm_head.weight"
-
-
-def weights_of(graph: Graph, dtype: DType, device: DeviceRef,
-               out_in: bool) -> Callable[..., TensorValue]:
-    """weight(name, *dims): a graph weight named as in the HF state_dict, bound at init (`weight_registry`),
-    so one compiled graph serves any weights of this shape. A projection is asked for as [in, out], what
-    x @ weight multiplies by; with `out_in` it is held [out, in] and handed back transposed (x @ w.T)."""
+def weights_of(graph: Graph, dtype: DType, device: DeviceRef) -> Callable[..., TensorValue]:
+    """weight(name, *dims): a graph weight named as in the HF state_dict, bound at init (`weight_registry`);
+    projections are [in, out], so one compiled graph serves any weights of this shape."""
     def weight(name: str, *dims: int) -> TensorValue:
-        if out_in and is_projection(name):
-            return graph.add_weight(Weight(name, dtype, list(reversed(dims)), device=device)).T
         return graph.add_weight(Weight(name, dtype, list(dims), device=device))
     return weight
 
@@ -345,11 +323,12 @@ def compiled_decode_graph(shape: LlamaShape,
 
 
 def weight_registry(state_dict: Mapping[str, Tensor], shape: LlamaShape, dtype: str,
-                    tied: bool, out_in: bool = False) -> dict[str, Tensor]:
+                    tied: bool) -> dict[str, Tensor]:
     """The graph's weights from an HF LlamaForCausalLM state_dict, contiguous and in the graph's dtype,
     with Q/K/V and gate/up concatenated into the fused projections the graph multiplies by.
 
-    Projections in the graph's layout (`projections_out_in`): transposed, [in, out], unless `out_in`."""
+    Projections are stored transposed, [in, out], so the graph multiplies x @ w: with HF's [out, in] and
+    x @ w.T, MAX 26.7 on CPU transposed every weight on every call (decode steps ~30% slower)."""
     state_dict = dict(state_dict)
     if tied:  # as HF ties them, whatever lm_head.weight the file may hold (save_pretrained writes none)
         state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
@@ -365,17 +344,16 @@ def weight_registry(state_dict: Mapping[str, Tensor], shape: LlamaShape, dtype: 
     torch_dtype = DTYPES[dtype][1]
 
     def graph_layout(name: str, t: Tensor) -> Tensor:
-        t = t.T if is_projection(name) and not out_in else t
+        t = t.T if name.endswith("_proj.weight") or name == "lm_head.weight" else t
         return t.detach().to("cpu", torch_dtype)
 
     weights = {name: graph_layout(name, state_dict[name]) for name in names}
-    out_axis = 0 if out_in else 1
-    for i in range(shape.num_layers):  # fused as `build_graph` uses them: q|k|v and gate|up along out
+    for i in range(shape.num_layers):  # fused as `build_graph` uses them: [in, q|k|v], [in, gate|up]
         p = f"model.layers.{i}."
         weights[p + "self_attn.qkv_proj.weight"] = torch.cat(
-            [weights.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=out_axis)
+            [weights.pop(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=1)
         weights[p + "mlp.gate_up_proj.weight"] = torch.cat(
-            [weights.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")], dim=out_axis)
+            [weights.pop(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")], dim=1)
     return {name: t.contiguous() for name, t in weights.items()}
 
 
@@ -446,8 +424,7 @@ class MaxSpeechLM:
         self.in_place = device == "cpu"
         self.cache_headroom = cache_headroom  # positions allocated beyond need when an in-place cache grows
         # Kept alive on self: the MAX models borrow these tensors' memory rather than copying it.
-        self._weights = weight_registry(state_dict, self.shape, dtype, config.tie_word_embeddings,
-                                        out_in=projections_out_in(device_ref(device)))
+        self._weights = weight_registry(state_dict, self.shape, dtype, config.tie_word_embeddings)
         session, compiled = compiled_graph(self.shape, dtype, device)
         self.model: Model = session.init(compiled, weights_registry=self._weights)
         self.decode_model: Model | None = None
