@@ -22,9 +22,9 @@
 #
 # Environment: SPEECHLM_RUN (the run prepare copies, default runs/rlhf/quickstart), DEVICE (gpu|cpu, default
 # gpu), OUT (default /tmp/device-checks), WORK (scratch, default /tmp/voxlm-device), BUDGET_S (whole run,
-# default 450), PY (default python3; .venv/bin/python for cpu), TRAIN_MB (micro-batch rows; default: 8 on a >= 120 GiB GPU, else 4; halved on out-of-memory),
-# TRAIN_STEPS (30), TRAIN_WARMUP (5), MODULAR_CACHE_DIR (default /root/modular-cache on the GPU), DRY_DTYPE
-# (the SpeechLM dtype of a CPU dry run, default float32).
+# default 450), PY (default python3; .venv/bin/python for cpu), TRAIN_MB (micro-batch rows; default: 8 on a
+# >= 120 GiB GPU, else 4; halved on out-of-memory), TRAIN_STEPS (30), TRAIN_WARMUP (5), MODULAR_CACHE_DIR
+# (default /root/modular-cache on the GPU), DRY_DTYPE (the SpeechLM dtype of a CPU dry run, default float32).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
