@@ -4,13 +4,13 @@
 # or runs out of time loses nothing of the steps before it.
 #
 #   bash scripts/device_checks.sh prepare       # on the CPU box: copy what the checks read into .devdata/
-#   bash scripts/device_checks.sh [STEP ...]    # on the device; default: env matmul train export bench
+#   bash scripts/device_checks.sh [STEP ...]    # on the device; default: env ops export train bench
 #   DEVICE=cpu bash scripts/device_checks.sh    # dry run of the same steps on the CPU, tiny sizes
 #
-# Steps (device, in this order):
+# Steps (device; the default order puts the GPU parity before training):
 #   env     versions, GPU, and that every module the steps import is there          -> env.txt
-#   matmul  issue 6: scripts/check_max_matmul.py, the SpeechLM graph's matmul patterns per row count in
-#           bf16 and float32 against float64 (modular/modular#6883)              -> matmul.json, matmul.md
+#   ops     issue 6: scripts/check_max_ops.py, each op of the SpeechLM graph (matmuls, gather, rms_norm,
+#           SwiGLU, RoPE, attention) per row count in bf16 and float32 against float64  -> ops.json, ops.md
 #   train   issue 4: `train.py stage=pretrain experiment=base trainer=gpu` from scratch (bf16-mixed), 30
 #           optimizer steps of 16 x 2048 tokens (micro-batches + accumulation when 16 rows do not fit), on
 #           random-code shards of the base codebook over the quickstart utterances  -> train/, train_bench.*
@@ -102,7 +102,7 @@ esac
 
 # ------------------------------------------------------------------------------------------ device (or dry run)
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(env matmul train export bench)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(env ops export train bench)
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 TOKENIZERS_PARALLELISM=false
 if [ "$DEVICE" = gpu ]; then
@@ -262,9 +262,9 @@ step_export() {  # $1: dtype
   return $rc
 }
 
-step_matmul() {
-  run matmul 180 "$PY" scripts/check_max_matmul.py --device "$DEVICE" --out "$OUT/matmul.json"
-  cat "$OUT/matmul.md" 2>/dev/null | sed 's/^/    /'
+step_ops() {
+  run ops 300 "$PY" scripts/check_max_ops.py --device "$DEVICE" --out "$OUT/ops.json"
+  cat "$OUT/ops.md" 2>/dev/null | sed 's/^/    /'
 }
 
 step_bench() {
@@ -280,7 +280,7 @@ step_bench() {
 for step in "${STEPS[@]}"; do
   case $step in
     env) step_env ;;
-    matmul) step_matmul ;;
+    ops) step_ops ;;
     train) step_train ;;
     export) step_export "$DTYPE" ;;
     export-f32) step_export float32 ;;
@@ -293,7 +293,7 @@ done
   grep -E "^(python|torch|transformers|max |cuda|max accelerator)|MISSING|FAILED" "$OUT/env.txt" 2>/dev/null
   echo "MAX graphs in the cache: $MEFS_BEFORE before, $(mef_count) after (more after = compiled here)"
   echo '```'; cat "$OUT/steps.tsv"; echo '```'
-  for f in matmul.md train_bench.md parity-bf16/parity.md parity-f32/parity.md; do
+  for f in ops.md train_bench.md parity-bf16/parity.md parity-f32/parity.md; do
     [ -f "$OUT/$f" ] && { echo; cat "$OUT/$f"; }
   done
   for f in bench-quickstart bench-base; do

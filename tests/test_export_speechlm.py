@@ -26,6 +26,7 @@ from voxlm.export.speechlm import (
     LlamaShape,
     MaxKVCache,
     MaxSpeechLM,
+    attention_bias,
     build_decode_graph,
     build_graph,
     weight_registry,
@@ -269,7 +270,8 @@ def test_the_gpu_graph_computes_the_same_logits_on_the_cpu(tok: SpeechTokenizer,
         with torch.no_grad():
             want = torch_lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, logits_to_keep=1)
-        logits, *past = graph.execute(ids, mask, positions, *[p.contiguous() for p in past])
+        logits, *past = graph.execute(ids, attention_bias(mask, ids.shape[1]), positions,
+                                      *[p.contiguous() for p in past])
         past = [torch.from_dlpack(p) for p in past]
         assert_close(torch.from_dlpack(logits), want.logits[:, -1])
         assert past[0].shape[2] == mask.shape[1]

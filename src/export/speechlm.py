@@ -1,6 +1,7 @@
 """The SpeechLM (a stock transformers LlamaForCausalLM) as Modular MAX graphs, with an explicit KV cache.
 
-    input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], past K/V per layer
+    input_ids [B, T], attention bias [B, 1, 1, T, P+T] (made on the host from the attention mask),
+    position_ids [B, T], past K/V per layer
     ─► embed ─► L x (RMSNorm ─► GQA attention with RoPE over past+new ─► RMSNorm ─► SwiGLU) ─► last position
     ─► RMSNorm ─► lm_head ─► logits [B, vocab] (float32)
 
@@ -23,8 +24,11 @@ back), which the paged-cache machinery does not offer; and a ~60-line forward th
 easy to check against it.
 
 Pitfalls met while writing it (MAX 26.7, CPU):
-- a causal mask built from `ops.range`/`cumsum` index comparisons, then broadcast against the padding mask,
-  came out wrong (the fused elementwise kernel lost the query axis); `band_part` + `concat` is right;
+- the attention mask, computed in the graph, was lost to fusion: first as `ops.range`/`cumsum` index
+  comparisons broadcast against the padding mask (the fused elementwise kernel lost the query axis), then,
+  in a graph that used the mask once (scripts/check_max_ops.py), as `band_part` + `concat`: attention came
+  out non-causal, and right again when the same mask was also a graph output. So the additive bias is made
+  on the host (`attention_bias`) and comes in as data: [B, T, P+T] floats, ~1 MB for a 500-token prefill;
 - -inf in the additive mask turns a fully masked row (a left-padding query) into NaN, which then leaks into
   real rows through 0 * NaN in the attention-weighted sum: masked scores get a large finite negative instead;
 - `x @ w.T` on HF's [out, in] weights re-transposed every weight on every call: they are stored [in, out].
@@ -102,14 +106,16 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
     key = hashlib.sha1(repr((s, dtype, device, with_past)).encode()).hexdigest()[:12]
     extra_types = [kv_type] * (2 * s.num_layers) if with_past else sampler_inputs(s.vocab_size)
 
-    with Graph(f"speechlm_{key}", input_types=token_inputs(device) + extra_types,
+    bias_type = TensorType(DType.float32, ["batch", 1, 1, "new", "total"], device=device)
+    inputs = [token_inputs(device)[0], bias_type, token_inputs(device)[2]]
+    with Graph(f"speechlm_{key}", input_types=inputs + extra_types,
                custom_extensions=[] if with_past else [KERNELS_PATH]) as graph:
-        ids, attention_mask, position_ids, *extra = (value.tensor for value in graph.inputs)
+        ids, bias, position_ids, *extra = (value.tensor for value in graph.inputs)
         past = extra if with_past else []
         B, T = ids.shape
         P = past[0].shape[2] if with_past else Dim(0)
-        attention_mask = ops.rebind(attention_mask, [B, P + T], message="attention_mask must be [B, P+T]")
-        bias = attention_bias(attention_mask, T, P, dtype, device)
+        bias = ops.rebind(bias, [B, 1, 1, T, P + T], message="the attention bias must be [B, 1, 1, T, P+T]")
+        bias = bias.cast(dtype)
         cos, sin = rope_tables(position_ids, s.head_dim, s.rope_theta, dtype, device)
         weight = weights_of(graph, dtype, device)
 
@@ -273,18 +279,18 @@ def rotate(x: TensorValue, cos: TensorValue, sin: TensorValue) -> TensorValue:
     return x * cos + (x @ swap) * sin
 
 
-def attention_bias(attention_mask: TensorValue, T: Dim, P: Dim, dtype: DType,
-                   device: DeviceRef) -> TensorValue:
-    """Additive scores [B, 1, 1, T, P+T]: MASKED where the key is left padding or in the query's future.
+def attention_bias(attention_mask: Tensor, new_tokens: int) -> Tensor:
+    """Additive scores [B, 1, 1, T, P+T] float32 for the graph, from the mask [B, P+T] over past and new
+    tokens: MASKED where the key is left padding or in the query's future (made here, not in the graph:
+    see the module docstring).
 
     The new tokens sit at indices P..P+T-1, after every past key, so causality only cuts within them:
     a [T, T] strict upper triangle, next to [T, P] zeros for the past."""
-    masked = ops.constant(MASKED, dtype, device=device)
-    future = ops.band_part(ops.broadcast_to(masked, [T, T]), num_lower=None, num_upper=0, exclude=True)
-    causal = ops.concat([ops.broadcast_to(ops.constant(0.0, dtype, device=device), [T, P]), future], axis=1)
-    padding = (1 - attention_mask.cast(dtype)) * masked                         # [B, P+T]
-    B = attention_mask.shape[0]
-    return causal.reshape([1, 1, 1, T, P + T]) + padding.reshape([B, 1, 1, 1, P + T])
+    total = attention_mask.shape[1]
+    future = torch.ones(new_tokens, new_tokens, dtype=torch.bool).triu(1)
+    causal = torch.cat([torch.zeros(new_tokens, total - new_tokens, dtype=torch.bool), future], dim=1)
+    blocked = causal[None] | (attention_mask[:, None, :] == 0)                  # [B, T, P+T]
+    return torch.where(blocked, MASKED, 0.0).to(torch.float32)[:, None, None].contiguous()
 
 
 def attention(q: TensorValue, k: TensorValue, v: TensorValue, bias: TensorValue,
@@ -484,18 +490,20 @@ class MaxSpeechLM:
         if attention_mask.shape != (len(input_ids), past + new_tokens):
             raise ValueError(f"attention_mask must be [B, past + new] = [{len(input_ids)}, "
                              f"{past + new_tokens}], got {list(attention_mask.shape)}")
-        inputs = [self._to_device(t) for t in (input_ids, attention_mask, position_ids)]
+        ids, positions = self._to_device(input_ids), self._to_device(position_ids)
         tokens = None
         if self.in_place:
             sampling = [logit_bias.to(torch.float32).contiguous(), recent.to(torch.int64).contiguous(),
                         u.to(torch.float64).contiguous(), *params.arrays()]
             if past > 0:
                 cache = self._with_room(cache, new_tokens)
-                logits, tokens = self.decode_model.execute(*inputs, *sampling, *cache.layers)
+                logits, tokens = self.decode_model.execute(ids, self._to_device(attention_mask), positions,
+                                                           *sampling, *cache.layers)
                 cache.written[0] = cache.length + new_tokens
                 cache = MaxKVCache(cache.layers, cache.length + new_tokens, cache.host, cache.written)
             else:  # a prefill: the CPU's prefill graph takes no (empty) past
-                logits, tokens, *layers = self.model.execute(*inputs, *sampling)
+                bias = attention_bias(attention_mask, new_tokens)
+                logits, tokens, *layers = self.model.execute(ids, bias, positions, *sampling)
                 cache = MaxKVCache(layers, new_tokens)
                 cache.written[0] = cache.length
             tokens = torch.from_dlpack(tokens)
@@ -504,7 +512,8 @@ class MaxSpeechLM:
                 empty = torch.zeros(len(input_ids), self.shape.num_kv_heads, 0, self.shape.head_dim,
                                     dtype=DTYPES[self.dtype][1])
                 cache = self.cache_from_tensors([empty] * (2 * self.shape.num_layers))
-            logits, *layers = self.model.execute(*inputs, *cache.layers)
+            bias = Buffer.from_dlpack(attention_bias(attention_mask, new_tokens)).to(self.max_device)
+            logits, *layers = self.model.execute(ids, bias, positions, *cache.layers)
             cache = MaxKVCache(layers, cache.length + new_tokens)
             cache.written[0] = cache.length
         logits = torch.from_dlpack(logits.to(CPU()) if self.max_device != CPU() else logits)
