@@ -251,9 +251,10 @@ def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_gpu_graph_computes_the_same_logits_on_the_cpu(tok: SpeechTokenizer, tied: bool) -> None:
-    """The GPU's graph (past K/V passed in and handed back as past + new, RoPE by slices) compiled for the
-    CPU: its logits match PyTorch at prefill and over decode steps, so a disagreement on a GPU is the
-    device's kernels, not the graph. Tied too (the lm_head bound to the embedding)."""
+    """The GPU's graph (past K/V passed in and handed back as past + new) compiled for the CPU: its logits
+    match PyTorch at prefill and over decode steps, so a disagreement on a GPU is the device's kernels or
+    RoPE's GPU branch (slices; on the CPU `rotate` multiplies by a permutation), not the graph. Tied too
+    (the lm_head bound to the embedding)."""
     torch_lm = tiny_lm(tok, tied=tied, seed=2)
     shape = LlamaShape.from_config(torch_lm.config)
     session, compiled = compile_once(
@@ -306,3 +307,25 @@ def test_greedy_rows_may_part_from_pytorch_only_at_a_near_tie() -> None:
     assert margins[0] == (None, 0.0)
     assert margins[1][0] == 2 and margins[1][1] == pytest.approx(0.1)
     assert margins[2] == (1, 3.0)
+
+
+def test_prefill_is_causal(tok: SpeechTokenizer, torch_lm: LlamaForCausalLM, max_lm: MaxSpeechLM) -> None:
+    """A position's K/V in every layer must not change when later tokens join the prompt (the logits checks
+    read the last position only; an attention that saw the future would change the earlier ones), and
+    they match transformers' own. MAX once fused an in-graph causal mask away (docs/benchmarks.md)."""
+    ids = torch.from_numpy(prompts(tok)[0])[None]
+    full, cut = ids.shape[1], ids.shape[1] - 5
+
+    def kv(model: LlamaForCausalLM | MaxSpeechLM, n: int) -> list[torch.Tensor]:
+        kwargs = dict(input_ids=ids[:, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                      position_ids=torch.arange(n)[None], use_cache=True, logits_to_keep=1)
+        if model is max_lm:
+            return max_lm.cache_tensors(max_lm(**kwargs, cache=None).cache)
+        with torch.no_grad():
+            cache = model(**kwargs, cache=DynamicCache(config=model.config)).cache
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+    short, long, reference = kv(max_lm, cut), kv(max_lm, full), kv(torch_lm, full)
+    for s, lo, ref in zip(short, long, reference, strict=True):
+        assert torch.equal(s, lo[:, :, :cut])
+        assert float((lo - ref).abs().max()) <= ATOL
