@@ -41,8 +41,9 @@ from max.driver import CPU, Accelerator, Buffer
 from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, ops
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from voxlm.export.kernels import cached_attention_reference
 from voxlm.export.speechlm import (
     LlamaShape,
     attention,
@@ -184,7 +185,8 @@ def references(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def layer_references(x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
                      w: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """What `layer_ops` computes, in float64 (RoPE by transformers' own apply_rotary_pos_emb)."""
+    """What `layer_ops` computes, in float64 (RoPE by transformers' own apply_rotary_pos_emb, attention by
+    the Mojo op's reference, `cached_attention_reference`, with no past)."""
     s = SHAPE
 
     def rms_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -201,14 +203,9 @@ def layer_references(x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     roped, _ = apply_rotary_pos_emb(split_heads(x, s.num_heads), split_heads(x, s.num_heads), cos, sin)
     qkv = rms_norm(x, w["input_layernorm.weight"]) @ w["self_attn.qkv_proj.weight"]
-    q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    q, k = apply_rotary_pos_emb(split_heads(qkv[..., :q_dim], s.num_heads),
-                                split_heads(qkv[..., q_dim: q_dim + kv_dim], s.num_kv_heads), cos, sin)
-    v = split_heads(qkv[..., q_dim + kv_dim:], s.num_kv_heads)
-    group = s.num_heads // s.num_kv_heads
-    scores = q @ repeat_kv(k, group).transpose(2, 3) / math.sqrt(s.head_dim)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    y = (scores.softmax(-1) @ repeat_kv(v, group)).transpose(1, 2).reshape(B, T, q_dim)
+    no_past = torch.zeros(B, s.num_kv_heads, 0, s.head_dim, dtype=x.dtype)
+    y, _, _ = cached_attention_reference(qkv, cos, sin, torch.ones(B, T), no_past, no_past, s.num_heads,
+                                         s.num_kv_heads)
     return [w["model.embed_tokens.weight"][ids], rms_norm(x, w["input_layernorm.weight"]), swiglu,
             rms_norm(x + swiglu, w["final_norm.weight"]), roped.transpose(1, 2).reshape(B, T, -1),
             x + y @ w["self_attn.o_proj.weight"]]

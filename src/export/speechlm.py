@@ -106,9 +106,9 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
     key = hashlib.sha1(repr((s, dtype, device, with_past)).encode()).hexdigest()[:12]
     extra_types = [kv_type] * (2 * s.num_layers) if with_past else sampler_inputs(s.vocab_size)
 
+    ids_type, _, positions_type = token_inputs(device)  # the attention mask comes in as a bias
     bias_type = TensorType(DType.float32, ["batch", 1, 1, "new", "total"], device=device)
-    inputs = [token_inputs(device)[0], bias_type, token_inputs(device)[2]]
-    with Graph(f"speechlm_{key}", input_types=inputs + extra_types,
+    with Graph(f"speechlm_{key}", input_types=[ids_type, bias_type, positions_type] + extra_types,
                custom_extensions=[] if with_past else [KERNELS_PATH]) as graph:
         ids, bias, position_ids, *extra = (value.tensor for value in graph.inputs)
         past = extra if with_past else []
