@@ -279,18 +279,21 @@ def rotate(x: TensorValue, cos: TensorValue, sin: TensorValue) -> TensorValue:
     return x * cos + (x @ swap) * sin
 
 
-def attention_bias(attention_mask: Tensor, new_tokens: int) -> Tensor:
+def attention_bias(attention_mask: Tensor, new_tokens: int) -> np.ndarray:
     """Additive scores [B, 1, 1, T, P+T] float32 for the graph, from the mask [B, P+T] over past and new
     tokens: MASKED where the key is left padding or in the query's future (made here, not in the graph:
     see the module docstring).
 
     The new tokens sit at indices P..P+T-1, after every past key, so causality only cuts within them:
-    a [T, T] strict upper triangle, next to [T, P] zeros for the past."""
-    total = attention_mask.shape[1]
-    future = torch.ones(new_tokens, new_tokens, dtype=torch.bool).triu(1)
-    causal = torch.cat([torch.zeros(new_tokens, total - new_tokens, dtype=torch.bool), future], dim=1)
-    blocked = causal[None] | (attention_mask[:, None, :] == 0)                  # [B, T, P+T]
-    return torch.where(blocked, MASKED, 0.0).to(torch.float32)[:, None, None].contiguous()
+    a [T, T] strict upper triangle, next to [T, P] zeros for the past. Made with NumPy, not torch: torch
+    runs elementwise ops this size on its OpenMP pool, whose threads then spin for a while on the cores
+    MAX's workers need (a 500-token CPU prefill measured 15-18% slower that way, docs/benchmarks.md)."""
+    padding = np.asarray(attention_mask.cpu()) == 0                              # [B, P+T]
+    rows, total = padding.shape
+    blocked = np.zeros((rows, new_tokens, total), dtype=bool)
+    blocked[:, :, total - new_tokens:] = np.triu(np.ones((new_tokens, new_tokens), dtype=bool), 1)
+    blocked |= padding[:, None, :]
+    return np.where(blocked, np.float32(MASKED), np.float32(0.0))[:, None, None]
 
 
 def attention(q: TensorValue, k: TensorValue, v: TensorValue, bias: TensorValue,
