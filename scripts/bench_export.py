@@ -1,13 +1,14 @@
 """MAX vs PyTorch on the same inputs, side by side in one run (medians of alternating blocks of calls):
 
     python scripts/bench_export.py [--speechlm runs/sft/quickstart] [--codec runs/codec/quickstart]
-                                   [--past 500] [--repeats 30] [--out runs/bench/export.json]
+                                   [--past 500] [--batches 1 8 16] [--repeats 30]
+                                   [--out runs/bench/export.json]
                                    [--device cpu|gpu] [--dtype float32|bfloat16]
                                    [--speechlm-preset base] [--codec none]
 
 SpeechLM: prefill latency of a `--past`-token prompt at batch 1, and per-step decode latency after it at
-batch 1 and 8. Codec: one streaming chunk decode of 25 frames (with its left context) at batch 1 and 8.
-Prints a markdown table and writes JSON.
+each of `--batches` (default 1, 8 and 16: 16 is the server's KV slots). Codec: one streaming chunk decode
+of 25 frames (with its left context) at batch 1 and 8. Prints a markdown table and writes JSON.
 
 `--device gpu` runs both sides on the GPU: PyTorch on cuda (timed between torch.cuda.synchronize() calls),
 MAX on its Accelerator (the logits come back to the host each call, and the device is synchronized after
@@ -205,6 +206,8 @@ def main() -> None:
     parser.add_argument("--speechlm", default="runs/sft/quickstart")
     parser.add_argument("--codec", default="runs/codec/quickstart", help="a codec run, or none")
     parser.add_argument("--past", type=int, default=500)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16],
+                        help="decode-step batch sizes (16 = the server's KV slots)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="runs/bench/export.json")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -232,7 +235,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     rows = {f"speechlm prefill, {args.past} tokens, batch 1":
             bench_prefill(model, max_model, tok, args.past, args.repeats, generator, sync)}
-    for batch in (1, 8):
+    for batch in args.batches:
         rows[f"speechlm decode step, past {args.past}, batch {batch}"] = bench_decode_step(
             model, max_model, tok, batch, args.past, args.repeats, generator, sync)
     if codec is not None:

@@ -16,6 +16,7 @@
 import extensibility
 from extensibility import DeviceContext, InputTensor, OutputTensor
 from extensibility import _MutableInputTensor as MutableInputTensor
+from max.algorithm import sync_parallelize
 from std.math import exp, sqrt
 
 
@@ -62,9 +63,10 @@ struct CachedAttention:
 
         # One item per (row, KV head): it appends that head's new K/V, then computes its query heads.
         # A head is one SIMD[D] value, so dot products and the weighted sum of V rows are whole-vector
-        # operations. Items run one after another: `parallelize` costs more to dispatch (~0.3 ms
-        # measured here) than a decode step's attention takes (~0.1 ms at batch 8, past 400, 6 layers).
-        for item in range(batch * num_kv_heads):
+        # operations. Items run on MAX's worker threads: at batch 8 and more, reading the cache is most of
+        # a decode step, and one thread could not read it fast enough (batch 16, past 500: 10.7-14.2 ms a
+        # step serially, 7.0-7.7 ms so; batch 1 no slower; docs/benchmarks.md).
+        def attend(item: Int) {imm}:
             var b = item // num_kv_heads
             var kvh = item % num_kv_heads
             var cache_base = (b * num_kv_heads + kvh) * capacity * D
@@ -108,3 +110,4 @@ struct CachedAttention:
                     var y = acc / weight_sum if weight_sum > 0 else SIMD[DType.float32, D](0)
                     output_p.unsafe_store(o, y.cast[output.dtype]())
 
+        sync_parallelize(attend, batch * num_kv_heads)

@@ -32,7 +32,6 @@ Pitfalls met while writing it (MAX 26.7, CPU):
 - -inf in the additive mask turns a fully masked row (a left-padding query) into NaN, which then leaks into
   real rows through 0 * NaN in the attention-weighted sum: masked scores get a large finite negative instead;
 - `x @ w.T` on HF's [out, in] weights re-transposed every weight on every call: they are stored [in, out].
-- `parallelize` inside the Mojo op costs more than a decode step's attention takes: it runs serially.
 - slices and concatenations of activations are copied by a slow generic kernel: RoPE's rotate_half as
   slice + concat cost 2.7 ms of a 460-token prefill, as a matmul by a signed permutation it is exact and
   ~5x cheaper. With that, no past concatenation on the CPU and the last layer run for the last position
