@@ -23,6 +23,7 @@ from voxlm.export.kernels import CodeSamplerParams, sample_codes
 from voxlm.export.parity import divergence_margins
 from voxlm.export.sessions import compile_once
 from voxlm.export.speechlm import (
+    MASKED,
     LlamaShape,
     MaxKVCache,
     MaxSpeechLM,
@@ -307,6 +308,20 @@ def test_greedy_rows_may_part_from_pytorch_only_at_a_near_tie() -> None:
     assert margins[0] == (None, 0.0)
     assert margins[1][0] == 2 and margins[1][1] == pytest.approx(0.1)
     assert margins[2] == (1, 3.0)
+
+
+def test_attention_bias_hides_left_padding_and_the_future() -> None:
+    """The host-made bias (voxlm.export.speechlm.attention_bias) for 3 new tokens after a past of 2: a key is
+    hidden where it is left padding (row 0's first key) or after the query (within the new tokens)."""
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    bias = attention_bias(mask, new_tokens=3)
+    assert bias.shape == (2, 1, 1, 3, 5) and bias.dtype == np.float32
+    visible = np.array([[1, 1, 1, 0, 0],
+                        [1, 1, 1, 1, 0],
+                        [1, 1, 1, 1, 1]], dtype=bool)
+    hidden = ~(visible[None] & mask.numpy()[:, None].astype(bool))       # [B, T, P+T]
+    assert np.array_equal(bias[:, 0, 0] != 0, hidden)
+    assert set(np.unique(bias)) == {0.0, np.float32(MASKED)}
 
 
 def test_prefill_is_causal(tok: SpeechTokenizer, torch_lm: LlamaForCausalLM, max_lm: MaxSpeechLM) -> None:
