@@ -64,8 +64,8 @@ struct CachedAttention:
         # One item per (row, KV head): it appends that head's new K/V, then computes its query heads.
         # A head is one SIMD[D] value, so dot products and the weighted sum of V rows are whole-vector
         # operations. Items run on MAX's worker threads: at batch 8 and more, reading the cache is most of
-        # a decode step, and one thread could not read it fast enough (batch 16, past 500: 10.7-14.2 ms a
-        # step serially, 7.0-7.7 ms in parallel; batch 1 no slower; docs/benchmarks.md).
+        # a decode step, and one thread could not read it fast enough (past 500, batch 16: 15.7 ms a step
+        # serially, 11.9 ms in parallel, in one process; batch 1 no slower; docs/benchmarks.md).
         def attend(item: Int) {imm}:
             var b = item // num_kv_heads
             var kvh = item % num_kv_heads
