@@ -22,8 +22,9 @@ each in bfloat16 and float32.
 Per case and M: the largest error over the largest |reference| (right up to rounding: ~3e-3 for a bf16
 product, more where bf16 rounds in between) and the first row along M whose error exceeds 10x the dtype's
 bound (a wrong row is off by its own size). Exit status 1 if any case is wrong. On an H200 with MAX 26.7
-(2026-11-28, docs/benchmarks.md; the matmuls only, as check_max_matmul.py) every matmul is right at every
-M: bf16 within 3.4e-3, float32 within 9e-4 (TF32-like rounding from M = 2; M = 1 is exact).
+(2026-11-28, docs/benchmarks.md; the matmul cases only, measured before the layer ops were added) every
+matmul is right at every M: bf16 within 3.4e-3, float32 within 9e-4 (TF32-like rounding from M = 2; M = 1
+is exact).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def inputs_for(m: int, generator: torch.Generator) -> list[torch.Tensor]:
     tensors += [torch.randn(2, m, SHAPE.hidden_size, generator=generator),
                 torch.randint(0, SHAPE.vocab_size, (2, m), generator=generator),
                 torch.arange(m).repeat(2, 1) + torch.tensor([[0], [7]]),   # the second row further on
-                attention_bias(torch.ones(2, m, dtype=torch.int64), m)]
+                torch.from_numpy(attention_bias(torch.ones(2, m, dtype=torch.int64), m))]
     for name, dims in weight_shapes().items():
         if name.endswith("norm.weight"):
             tensors.append(1 + 0.1 * torch.randn(dims, generator=generator))

@@ -344,3 +344,26 @@ def test_prefill_is_causal(tok: SpeechTokenizer, torch_lm: LlamaForCausalLM, max
     for s, lo, ref in zip(short, long, reference, strict=True):
         assert torch.equal(s, lo[:, :, :cut])
         assert float((lo - ref).abs().max()) <= ATOL
+
+
+def test_the_op_check_builds_its_inputs_and_finds_a_wrong_row() -> None:
+    """scripts/check_max_ops.py (the GPU visit's op check; compiling its graph takes minutes, so it runs on
+    the device): its inputs and float64 references build against this module's functions, one reference per
+    case, and its error measure names the first row that is off by its own size."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("check_max_ops", Path(__file__).parents[1] / "scripts" /
+                                                  "check_max_ops.py")
+    check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check
+    spec.loader.exec_module(check)
+    tensors = check.inputs_for(9, torch.Generator().manual_seed(0))
+    assert all(isinstance(t, torch.Tensor) for t in tensors)
+    references = check.references(tensors)
+    assert len(references) == len(check.case_names())
+    want = references[check.case_names().index("float32 attention block [2,M,256]")]
+    assert check.error(want.float(), want, check.BOUND["float32"])[1] is None
+    wrong = want.clone()
+    wrong[:, 5] += want.abs().max()
+    assert check.error(wrong, want, check.BOUND["float32"])[1] == 5
