@@ -252,15 +252,14 @@ def test_from_save_pretrained_folder_with_tied_embeddings(tok: SpeechTokenizer, 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_gpu_graph_computes_the_same_logits_on_the_cpu(tok: SpeechTokenizer, tied: bool) -> None:
-    """The GPU's graph (past K/V passed in and handed back as past + new) compiled for the CPU: its logits
-    match PyTorch at prefill and over decode steps, so a disagreement on a GPU is the device's kernels or
-    RoPE's GPU branch (slices; on the CPU `rotate` multiplies by a permutation), not the graph. Tied too
-    (the lm_head bound to the embedding)."""
+    """The GPU's graph (past K/V passed in and handed back as past + new, RoPE by slices) compiled for the
+    CPU: its logits match PyTorch at prefill and over decode steps, so a disagreement on a GPU is the
+    device's kernels, not the graph. Tied too (the lm_head bound to the embedding)."""
     torch_lm = tiny_lm(tok, tied=tied, seed=2)
     shape = LlamaShape.from_config(torch_lm.config)
     session, compiled = compile_once(
         ("speechlm_with_past", shape), "cpu",
-        lambda: build_graph(shape, DType.float32, DeviceRef.CPU(), with_past=True))
+        lambda: build_graph(shape, DType.float32, DeviceRef.CPU(), with_past=True, rope_by_slices=True))
     weights = weight_registry(torch_lm.state_dict(), shape, "float32", tied)
     graph = session.init(compiled, weights_registry=weights)
 

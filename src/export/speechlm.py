@@ -94,15 +94,18 @@ class LlamaShape:
 # --- the graph ----------------------------------------------------------------------------------------------
 
 def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceRef | None = None,
-                with_past: bool = True) -> Graph:
+                with_past: bool = True, rope_by_slices: bool | None = None) -> Graph:
     """The Llama forward over a KV cache passed in and handed back (past + new, concatenated): decode steps
     where the in-place graph does not run (GPU), and prefill. `with_past=False` is the CPU's prefill graph:
     no past inputs, so the new K/V are handed back as they are, without a concatenation's copy; and, as the
-    CPU's decode graph, it samples the next tokens too (`sampler_inputs`). Outputs: logits, [tokens,] K/V."""
+    CPU's decode graph, it samples the next tokens too (`sampler_inputs`). Outputs: logits, [tokens,] K/V.
+    `rope_by_slices` picks `rotate`'s form (default: slices on a GPU, the permutation on the CPU); a test sets
+    it to compile the GPU's exact graph for the CPU."""
     device = device or DeviceRef.CPU()
+    by_slices = device != DeviceRef.CPU() if rope_by_slices is None else rope_by_slices
     s = shape
     kv_type = TensorType(dtype, ["batch", s.num_kv_heads, "past", s.head_dim], device=device)
-    key = hashlib.sha1(repr((s, dtype, device, with_past)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((s, dtype, device, with_past, by_slices)).encode()).hexdigest()[:12]
     extra_types = [kv_type] * (2 * s.num_layers) if with_past else sampler_inputs(s.vocab_size)
 
     ids_type, _, positions_type = token_inputs(device)  # the attention mask comes in as a bias
@@ -125,8 +128,8 @@ def build_graph(shape: LlamaShape, dtype: DType = DType.float32, device: DeviceR
             qkv = fused_qkv(x, weight, p, s)
             q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
             q, k, v = qkv[..., :q_dim], qkv[..., q_dim: q_dim + kv_dim], qkv[..., q_dim + kv_dim:]
-            q = rotate(heads(q, s.num_heads, s.head_dim), cos, sin)             # [B, heads, T, hd]
-            k = rotate(heads(k, s.num_kv_heads, s.head_dim), cos, sin)
+            q = rotate(heads(q, s.num_heads, s.head_dim), cos, sin, by_slices)  # [B, heads, T, hd]
+            k = rotate(heads(k, s.num_kv_heads, s.head_dim), cos, sin, by_slices)
             v = heads(v, s.num_kv_heads, s.head_dim)
             if with_past:
                 k, v = ops.concat([past[2 * i], k], axis=2), ops.concat([past[2 * i + 1], v], axis=2)
@@ -261,15 +264,16 @@ def rope_tables(position_ids: TensorValue, head_dim: int, theta: float, dtype: D
     return ops.cos(angles).cast(dtype), ops.sin(angles).cast(dtype)
 
 
-def rotate(x: TensorValue, cos: TensorValue, sin: TensorValue) -> TensorValue:
+def rotate(x: TensorValue, cos: TensorValue, sin: TensorValue, by_slices: bool | None = None) -> TensorValue:
     """RoPE in HF's rotate_half layout (the two halves of a head, not interleaved pairs).
 
     On the CPU, rotate_half(x) = [-x2, x1] is x @ a signed permutation matrix: each output is one input
     times +-1 plus zeros, so it is exact, and ~5x faster than slicing and concatenating the halves (MAX 26.7
     copies slices and concats with a slow generic kernel there). The GPU keeps the slices: a float32 matmul
-    may round its inputs through TF32 there, which would not be exact."""
+    may round its inputs through TF32 there, which would not be exact. `by_slices` overrides that choice
+    (None: by x's device)."""
     half = int(x.shape[-1]) // 2
-    if x.device != DeviceRef.CPU():
+    if x.device != DeviceRef.CPU() if by_slices is None else by_slices:
         return x * cos + ops.concat([-x[..., half:], x[..., :half]], axis=-1) * sin
     swap = np.zeros((2 * half, 2 * half), np.float32)
     swap[np.arange(half) + half, np.arange(half)] = -1.0   # out[:half] = -x[half:]
