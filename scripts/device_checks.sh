@@ -18,7 +18,9 @@
 #           passes or not)                                                          -> export-bf16/, parity-bf16/
 #   bench   issue 6: scripts/bench_export.py on the GPU in bf16, quickstart model + codec, then a random-init
 #           base-shaped SpeechLM                                                    -> bench_export_*.json
-#   export-f32  (extra, if asked) the same export in float32 on the GPU             -> parity-f32/
+#   export-f32  (extra, if asked) the same export in float32 on the GPU, then the prediction its
+#           thresholds were set from (scripts/emulate_gpu_float32.py, on the host; alone: step `emulate`)
+#                                                                           -> parity-f32/, emulated-f32/
 #
 # Environment: SPEECHLM_RUN (the run prepare copies, default runs/rlhf/quickstart), DEVICE (gpu|cpu, default
 # gpu), OUT (default /tmp/device-checks), WORK (scratch, default /tmp/voxlm-device), BUDGET_S (whole run,
@@ -262,6 +264,12 @@ step_export() {  # $1: dtype
   return $rc
 }
 
+step_emulate() {  # what configs/export.yaml's gpu/float32 thresholds were set from, beside export-f32
+  run emulate-f32 120 "$PY" scripts/emulate_gpu_float32.py experiment=quickstart \
+      sources.speechlm=$DATA/runs/rlhf/quickstart sources.codec=$DATA/runs/codec/quickstart \
+      data.path=$DATA/corpus-quickstart-parity paths.runs_dir="$WORK/runs" parity.report="$OUT/emulated-f32"
+}
+
 step_ops() {
   run ops 300 "$PY" scripts/check_max_ops.py --device "$DEVICE" --out "$OUT/ops.json"
   cat "$OUT/ops.md" 2>/dev/null | sed 's/^/    /'
@@ -283,7 +291,8 @@ for step in "${STEPS[@]}"; do
     ops) step_ops ;;
     train) step_train ;;
     export) step_export "$DTYPE" ;;
-    export-f32) step_export float32 ;;
+    export-f32) step_export float32; step_emulate ;;
+    emulate) step_emulate ;;
     bench) step_bench ;;
     *) log "unknown step $step" ;;
   esac

@@ -3,6 +3,7 @@ seconds) and shared by every test that needs real data."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import threading
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +32,16 @@ CONFIGS = ROOT / "configs"
 def corpus_config(preset: str, out: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("build_corpus", overrides=[f"corpus={preset}", f"out={out}", *overrides])
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module, for tests of its functions (registered in sys.modules, where its
+    dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_config(*overrides: str) -> DictConfig:

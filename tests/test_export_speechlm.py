@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from max.dtype import DType
 from max.graph import DeviceRef
 from omegaconf import OmegaConf
@@ -349,14 +350,7 @@ def test_the_op_check_builds_its_inputs_and_finds_a_wrong_row() -> None:
     """scripts/check_max_ops.py (the GPU visit's op check; compiling its graph takes minutes, so it runs on
     the device): its inputs and float64 references build against this module's functions, one reference per
     case, and its error measure names the first row that is off by its own size."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("check_max_ops", Path(__file__).parents[1] / "scripts" /
-                                                  "check_max_ops.py")
-    check = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = check
-    spec.loader.exec_module(check)
+    check = load_script("check_max_ops")
     tensors = check.inputs_for(9, torch.Generator().manual_seed(0))
     assert all(isinstance(t, torch.Tensor) for t in tensors)
     references = check.references(tensors)
@@ -366,3 +360,23 @@ def test_the_op_check_builds_its_inputs_and_finds_a_wrong_row() -> None:
     wrong = want.clone()
     wrong[:, 5] += want.abs().max()
     assert check.error(wrong, want, check.BOUND["float32"])[1] == 5
+
+
+def test_the_gpu_float32_emulation_rounds_as_the_h200_measured() -> None:
+    """scripts/emulate_gpu_float32.py, which set the float32 GPU thresholds: its rounding keeps 10 mantissa
+    bits (truncated), reproduces the H200's measured float32 matmul errors within 25%, and its model copy
+    rounds only layers of 2 rows or more, leaving the original untouched."""
+    emulate = load_script("emulate_gpu_float32")
+    x = torch.tensor([1 + 2.0 ** -10, 1 + 2.0 ** -11 + 2.0 ** -12, -3.0])
+    assert emulate.truncate_to_tf32(x).tolist() == [1 + 2.0 ** -10, 1.0, -3.0]
+    generator = torch.Generator().manual_seed(0)
+    for (k, n), measured in emulate.H200_MATMUL_ERRORS.items():
+        assert emulate.matmul_error(k, n, generator) == pytest.approx(measured, rel=0.25)
+    layer = torch.nn.Linear(64, 8, bias=False)
+    rounded = emulate.with_gpu_matmul_rounding(torch.nn.Sequential(layer))
+    one, two = torch.randn(1, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(rounded(one), layer(one))
+        assert not torch.equal(rounded(two), layer(two))
+        assert torch.allclose(rounded(two), layer(two), rtol=0, atol=1e-2)
+        assert torch.equal(layer.weight, rounded[0].weight)

@@ -477,3 +477,15 @@ def test_the_parity_gate_catches_a_perturbed_weight(workspace: Path, tiny_corpus
     assert measured["complete"] and not measured["passed"]
     logits = next(c for c in measured["checks"] if c["metric"] == "logits_max_abs")
     assert logits["value"] > logits["threshold"] and not logits["passed"]
+
+
+def test_an_export_for_an_unmeasured_device_and_dtype_is_refused_before_it_loads(workspace: Path,
+                                                                                  tiny_corpus: Path) -> None:
+    """The gate's thresholds are per device and dtype (configs/export.yaml): a pair with none measured is
+    refused at once with what to do, before any model loads or graph compiles."""
+    out = workspace / "artifacts/float16"
+    result = export(workspace, tiny_corpus, "speechlm=nowhere", "dtype=float16", f"out={out}")
+    assert result.returncode == 2
+    assert "no parity thresholds for device=cpu dtype=float16" in result.stderr
+    assert "device=gpu dtype=float32" in result.stderr and "add it under parity.thresholds" in result.stderr
+    assert not out.exists()

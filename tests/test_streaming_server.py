@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 import threading
 import time
 import wave
@@ -19,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import GREEDY, SENTENCE_A, RunningServer, start_server
+from conftest import GREEDY, SENTENCE_A, RunningServer, load_script, start_server
 
 from voxlm.export.kernels import silence_trim_reference
 from voxlm.serve.backends import max_backend
@@ -280,13 +279,7 @@ def test_wav_header_declares_an_open_length() -> None:
 def test_the_load_benchmark_counts_playback_stalls() -> None:
     """scripts/bench_serve.py's listener: plays from the first byte in real time; a late chunk is a stall of
     exactly the time the audio had run out, and audio ahead of the clock is none."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "scripts" /
-                                                  "bench_serve.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_serve")
     second = 2 * 1000  # bytes of one second of pcm s16 at 1000 Hz
     clock = bench.PlaybackClock(1000)
     for arrival in (0.1, 0.3, 0.5, 0.7):  # 0.2 s of audio every 0.2 s: just in time

@@ -72,16 +72,34 @@ def max_models(speechlm_dir: Path, codec: Codec, device: str, dtype: str, pertur
             "encoder": MaxCodecEncoder.from_codec(codec, device=device)}
 
 
-def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: Codec,
-               models: dict, title: str = "Parity") -> list[parity.Check]:
+def gate_thresholds(cfg: DictConfig) -> dict[str, float]:
+    """The parity thresholds of this export's device and dtype (configs/export.yaml, parity.thresholds)."""
+    table = cfg.parity.thresholds
+    if cfg.device not in table or cfg.dtype not in table[cfg.device]:
+        known = ", ".join(f"device={d} dtype={t}" for d in table for t in table[d])
+        raise ValueError(f"no parity thresholds for device={cfg.device} dtype={cfg.dtype} (configs/export"
+                         f".yaml has {known}): measure that pair and add it under parity.thresholds")
+    return OmegaConf.to_container(table[cfg.device][cfg.dtype])
+
+
+def gate_cases(cfg: DictConfig, tok: SpeechTokenizer, codec: Codec) -> tuple[list, list[Any]]:
+    """The gate's real inputs: test recordings from the corpus, and a generation prompt for each (the
+    sentence, its voice prompt, and as generation starts: in the interleaved format, the first characters
+    after the voice prompt)."""
     gate = cfg.parity
-    thresholds = OmegaConf.to_container(gate.thresholds[cfg.dtype])
     cases = build_cases(cfg.data, gate.split, gate.reference_split, codec.sample_rate, int(gate.utterances),
                         float(gate.max_prompt_seconds))
-    # As generation starts: in the interleaved format, the first characters after the voice prompt.
     spoken = [tok.spoken_char_ids(normalize_text(case.text)) if tok.interleaved else None for case in cases]
     prompts = [generation_start(tok, case_prompt(tok, codec, case), chars)[0]
                for case, chars in zip(cases, spoken, strict=True)]
+    return cases, prompts
+
+
+def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: Codec,
+               models: dict, title: str = "Parity") -> list[parity.Check]:
+    gate = cfg.parity
+    thresholds = gate_thresholds(cfg)
+    cases, prompts = gate_cases(cfg, tok, codec)
     checks = parity.speechlm_checks(torch_model, models["speechlm"], tok, prompts, thresholds,
                                     int(gate.decode_steps), int(gate.greedy_tokens))
     write_report(gate.get("report"), checks, title, complete=False)  # kept if the codec checks then break
@@ -107,6 +125,7 @@ def write_report(folder: str | Path | None, checks: list[parity.Check], title: s
 
 def export_artifact(cfg: DictConfig) -> Path:
     """Export, gate, write; raises ParityError (and writes nothing at cfg.out) when a check fails."""
+    gate_thresholds(cfg)  # an unmeasured device/dtype pair is refused before anything loads or compiles
     runs_dir = Path(cfg.paths.runs_dir)
     sources = cfg.sources
     speechlm_dir = speechlm_folder(sources.speechlm) if sources.speechlm else latest_speechlm(runs_dir)
