@@ -22,6 +22,15 @@
 #           thresholds were set from (scripts/emulate_gpu_float32.py, on the host; alone: step `emulate`)
 #                                                                           -> parity-f32/, emulated-f32/
 #
+# A GPU visit (a device call carries 64 MiB; the machine has no registry), from the CPU box:
+#   ../shared/device/stage-wheels.sh hydra-core==1.3.8 omegaconf==2.3.1 datasets==5.2.0 dill==0.4.1 \
+#       multiprocess==0.70.19 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 jiwer==4.0.0 rapidfuzz==3.14.6
+#   SPEECHLM_RUN=runs/sft/quickstart bash scripts/device_checks.sh prepare  # .devdata/, antlr4's wheel too
+# then device calls back to back: the stash calls stage-wheels prints, and its last call with only
+# `bash .device/pN/install.sh`; then carry [".devdata"] with `bash scripts/device_checks.sh env ops` (the
+# steps keep .devdata in /root/devdata for later calls and install its wheels); then, carrying nothing,
+# `bash scripts/device_checks.sh export`, and so on. Hand the machine back after the last.
+#
 # Environment: SPEECHLM_RUN (the run prepare copies, default runs/rlhf/quickstart), DEVICE (gpu|cpu, default
 # gpu), OUT (default /tmp/device-checks), WORK (scratch, default /tmp/voxlm-device), BUDGET_S (whole run,
 # default 450), PY (default python3; .venv/bin/python for cpu), TRAIN_MB (micro-batch rows; default: 8 on a
@@ -46,6 +55,8 @@ prepare() {
   grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >> .git/info/exclude
   local speechlm=${SPEECHLM_RUN:-runs/rlhf/quickstart}
   rm -rf $DATA && mkdir -p $DATA/runs/rlhf/quickstart/hf $DATA/runs/codec/quickstart
+  # hydra's parser runtime has no wheel on PyPI, and the GPU machine cannot build one
+  "$py" -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w $DATA/whl
   # The SpeechLM (hf/ only; under the name the steps read), the codec (codec.pt + its config), the
   # utterances of the quickstart tokenize run.
   cp $speechlm/hf/{config.json,generation_config.json,model.safetensors,speech_layout.json} \
@@ -109,6 +120,15 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1 TOKENIZERS_PARALLELISM=false
 if [ "$DEVICE" = gpu ]; then
   PY=${PY:-python3}
+  # .devdata comes in a call of its own (with the wheels it would pass 64 MiB): kept for the later calls
+  if [ -d "$DATA" ] && [ ! -L "$DATA" ]; then
+    rm -rf /root/devdata && cp -r "$DATA" /root/devdata
+  elif [ ! -e "$DATA" ] && [ -d /root/devdata ]; then
+    ln -s /root/devdata "$DATA"
+  fi
+  if [ -d "$DATA/whl" ] && ! PYTHONPATH=/root/site "$PY" -c "import antlr4" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target /root/site "$DATA"/whl/*.whl
+  fi
   [ -d /root/site ] && export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
   export MODULAR_CACHE_DIR=${MODULAR_CACHE_DIR:-/root/modular-cache}
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
