@@ -22,7 +22,6 @@ graphs (every export's codec is float32).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import hydra
 import torch
@@ -31,9 +30,8 @@ from omegaconf import DictConfig, open_dict
 
 from voxlm.codec.module import load_codec
 from voxlm.export import parity
-from voxlm.export.build import gate_cases, gate_thresholds, latest_speechlm, write_report
-from voxlm.runs import find_run
-from voxlm.speechlm.model import load_speechlm, speechlm_folder
+from voxlm.export.build import gate_cases, gate_thresholds, source_folders, write_report
+from voxlm.speechlm.model import load_speechlm
 
 MANTISSA_BITS_DROPPED = 23 - 10
 # The H200's measurement (check_max_ops, float32, largest error over the largest |product|, M = 1...500).
@@ -79,10 +77,8 @@ def main(cfg: DictConfig) -> None:
 
     with open_dict(cfg):
         cfg.device, cfg.dtype = "gpu", "float32"
-    runs_dir = Path(cfg.paths.runs_dir)
-    speechlm_dir = (speechlm_folder(cfg.sources.speechlm) if cfg.sources.speechlm
-                    else latest_speechlm(runs_dir))
-    codec = load_codec(find_run(cfg.sources.codec, runs_dir, "codec")).eval()
+    speechlm_dir, codec_dir = source_folders(cfg)
+    codec = load_codec(codec_dir).eval()
     torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
     _, prompts = gate_cases(cfg, tok, codec)
     checks = parity.speechlm_checks(torch_model, with_gpu_matmul_rounding(torch_model), tok, prompts,

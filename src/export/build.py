@@ -95,10 +95,9 @@ def gate_cases(cfg: DictConfig, tok: SpeechTokenizer, codec: Codec) -> tuple[lis
     return cases, prompts
 
 
-def run_parity(cfg: DictConfig, torch_model: Any, tok: SpeechTokenizer, codec: Codec,
-               models: dict, title: str = "Parity") -> list[parity.Check]:
+def run_parity(cfg: DictConfig, thresholds: dict[str, float], torch_model: Any, tok: SpeechTokenizer,
+               codec: Codec, models: dict, title: str = "Parity") -> list[parity.Check]:
     gate = cfg.parity
-    thresholds = gate_thresholds(cfg)
     cases, prompts = gate_cases(cfg, tok, codec)
     checks = parity.speechlm_checks(torch_model, models["speechlm"], tok, prompts, thresholds,
                                     int(gate.decode_steps), int(gate.greedy_tokens))
@@ -123,13 +122,17 @@ def write_report(folder: str | Path | None, checks: list[parity.Check], title: s
                                                              f"{title} (SpeechLM checks only)"))
 
 
+def source_folders(cfg: DictConfig) -> tuple[Path, Path]:
+    """(SpeechLM folder, codec run folder) that `sources` names; the SpeechLM defaults to the newest run."""
+    runs_dir = Path(cfg.paths.runs_dir)
+    speechlm = speechlm_folder(cfg.sources.speechlm) if cfg.sources.speechlm else latest_speechlm(runs_dir)
+    return speechlm, find_run(cfg.sources.codec, runs_dir, "codec")
+
+
 def export_artifact(cfg: DictConfig) -> Path:
     """Export, gate, write; raises ParityError (and writes nothing at cfg.out) when a check fails."""
-    gate_thresholds(cfg)  # an unmeasured device/dtype pair is refused before anything loads or compiles
-    runs_dir = Path(cfg.paths.runs_dir)
-    sources = cfg.sources
-    speechlm_dir = speechlm_folder(sources.speechlm) if sources.speechlm else latest_speechlm(runs_dir)
-    codec_dir = find_run(sources.codec, runs_dir, "codec")
+    thresholds = gate_thresholds(cfg)  # an unmeasured device/dtype pair is refused before anything loads
+    speechlm_dir, codec_dir = source_folders(cfg)
     codec = load_codec(codec_dir).eval()
     torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
     out = Path(cfg.out)
@@ -142,7 +145,7 @@ def export_artifact(cfg: DictConfig) -> Path:
             models = max_models(speechlm_dir, codec, cfg.device, cfg.dtype, float(cfg.parity.perturb))
             compile_seconds = time.perf_counter() - started
             title = f"Parity: {speechlm_dir} + {codec_dir} on {cfg.device}/{cfg.dtype}"
-            checks = run_parity(cfg, torch_model, tok, codec, models, title)
+            checks = run_parity(cfg, thresholds, torch_model, tok, codec, models, title)
         finally:
             sessions.use_mefs()  # later graphs in this process compile as usual
         table = parity.report_markdown(checks, title)
