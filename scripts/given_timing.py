@@ -6,9 +6,13 @@ prompts and sampling): the ground-truth recording's codes, the model speaking fr
 with the recording's character timings, the model predicting each of the recording's codes from the
 recording's own history (teacher forced; voxlm.eval.given_timing), and the same with the sentence's spoken
 characters shuffled (its control: at 100 codes/s the history alone predicts much of each code, so only the
-difference between the two says how much of the teacher-forced speech comes from the text). Each is decoded
-by the codec and transcribed by Whisper tiny.en; the codec's CTC head also reads characters off the codes (a
-character error rate that needs no audio). Writes given_timing.md and .json to eval.out.
+difference between the two says how much of the teacher-forced speech comes from the text). With
+`eval.mix_shares=[0.1,0.2,...]`, one more row per share: the recording's codes with that share of frames
+replaced by the teacher-forced picks (voxlm.eval.given_timing.mix_codes), which says how many of the model's
+picks the speech tolerates. Each is decoded by the codec and transcribed by Whisper tiny.en; the codec's CTC
+head also reads characters off the codes (a character error rate that needs no audio), and `code_match` is
+the share of frames whose code is the recording's (every row but the free one). Writes given_timing.md
+and .json to eval.out.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from voxlm.codec.align import character_error, require_ctc_head, transcript_timi
 from voxlm.codec.module import load_codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import WhisperJudge, corpus_wer
-from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced
+from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced, mix_codes
 from voxlm.eval.report import markdown_table, write_json
 from voxlm.eval.tts_eval import build_cases, case_prompt, decode_codes, encode_audio
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
@@ -46,11 +50,14 @@ def main(cfg: DictConfig) -> None:
     generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None
     judge = WhisperJudge.from_config(cfg.judges.asr)
     shuffle = np.random.default_rng(int(ev.seed))
+    mix_shares = [float(share) for share in ev.mix_shares]
+    mixing = np.random.default_rng(int(ev.seed) + 1)  # its own draws: the shuffles stay as without mixing
+    ways = [*WAYS, *(f"teacher_forced_mixed_{share:g}" for share in mix_shares)]
     rate, table, report = codec.frame_rate, {}, {"speechlm_run": str(ev.speechlm_run), "conditions": {}}
     for name, condition in ev.conditions.items():
         cases = build_cases(cfg.data, condition.split, condition.reference_split, codec.sample_rate,
                             int(ev.max_utterances), float(ev.max_prompt_seconds), int(ev.seed))
-        texts, results = [], {way: {"hypotheses": [], "cer": [], "duration": []} for way in WAYS}
+        texts, results = [], {way: {"hypotheses": [], "cer": [], "duration": [], "match": []} for way in ways}
         for case in tqdm(cases, desc=name, unit="sentence"):
             text = normalize_text(case.text)
             truth = encode_audio(codec, case.audio)
@@ -71,22 +78,29 @@ def main(cfg: DictConfig) -> None:
                                                             sampling, generator),
                      "teacher_forced_shuffled": codes_teacher_forced(model, tok, prompt, shuffled, starts,
                                                                      truth, sampling, generator)}
+            draws = mixing.random(len(truth))
+            for share in mix_shares:
+                codes[f"teacher_forced_mixed_{share:g}"] = torch.from_numpy(
+                    mix_codes(truth, codes["teacher_forced"].numpy(), share, draws))
             texts.append(case.text)
             for way, said in codes.items():
                 audio = decode_codes(codec, said)
                 results[way]["hypotheses"].append(judge.transcribe_one(audio, codec.sample_rate))
                 results[way]["cer"].append(character_error(head, codec.quantizer, said.numpy(), text))
                 results[way]["duration"].append(len(said) / len(truth))
+                if way != "free":  # every other way says exactly the recording's frames
+                    results[way]["match"].append(float((said.numpy() == truth).mean()))
         rows = {f"{name}/{way}": {"n": len(texts), "wer": corpus_wer(texts, r["hypotheses"]),
                                   "ctc_cer": float(np.mean(r["cer"])),
-                                  "duration_ratio": float(np.mean(r["duration"]))}
+                                  "duration_ratio": float(np.mean(r["duration"])),
+                                  **({"code_match": float(np.mean(r["match"]))} if r["match"] else {})}
                 for way, r in results.items()}
         table |= rows
         report["conditions"][name] = {"rows": rows, "texts": texts, "results": results}
     out = Path(ev.out)
     write_json(report | {"sampling": OmegaConf.to_container(ev.sampling)}, out / "given_timing.json")
     lines = [f"# Given timings: {ev.speechlm_run}", "", f"Sampling {OmegaConf.to_container(ev.sampling)}.",
-             "", markdown_table(table, ["n", "wer", "ctc_cer", "duration_ratio"]), ""]
+             "", markdown_table(table, ["n", "wer", "ctc_cer", "code_match", "duration_ratio"]), ""]
     (out / "given_timing.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM
 
 from voxlm.codec.model import Codec
 from voxlm.data.dataset import Preprocess
-from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced
+from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced, mix_codes
 from voxlm.speechlm.generate import (
     SamplingConfig,
     allowed_tokens,
@@ -480,6 +480,21 @@ def test_teacher_forcing_predicts_each_code_from_the_recordings_history(spoken_t
     assert codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], free.numpy(), GREEDY).equal(free)
     with pytest.raises(ValueError, match="no code for the last character"):
         codes_teacher_forced(model, spoken_tok, prompt, [h, i], [0, 3], recording[:3], GREEDY)
+
+
+def test_mixing_takes_a_share_of_frames_from_the_picks_and_a_larger_share_keeps_them() -> None:
+    """voxlm.eval.given_timing.mix_codes: the frames whose draw falls under the share come from the picks;
+    draws shared across shares make each larger share replace a superset of the frames."""
+    recording, picks = np.arange(6), np.arange(6) + 100
+    draws = np.array([0.05, 0.9, 0.25, 0.5, 0.15, 0.99])
+    assert mix_codes(recording, picks, 0.0, draws).tolist() == recording.tolist()
+    assert mix_codes(recording, picks, 0.2, draws).tolist() == [100, 1, 2, 3, 104, 5]
+    assert mix_codes(recording, picks, 0.6, draws).tolist() == [100, 1, 102, 103, 104, 5]
+    assert mix_codes(recording, picks, 1.0, draws).tolist() == picks.tolist()
+    with pytest.raises(ValueError, match="one pick and one draw per recorded frame"):
+        mix_codes(recording, picks[:5], 0.5, draws)
+    with pytest.raises(ValueError, match=r"share 1.5 is not in \[0, 1\]"):
+        mix_codes(recording, picks, 1.5, draws)
 
 
 def test_scheduled_sampling_puts_the_models_own_codes_into_the_targets_history(tok: SpeechTokenizer) -> None:

@@ -6,6 +6,10 @@ each character is fed at the frame where the recording's forced alignment puts i
 `char_starts`, voxlm.codec.align), and the model only samples codes, exactly as many as the recording has.
 If that speech is intelligible and the free-running one is not, the durations are what fail; if both are
 unintelligible, the codes the model says for a character are.
+
+`codes_teacher_forced` asks the same of each code alone: the model's pick for every frame given the
+recording's history. `mix_codes` puts a share of those picks into the recording's codes, so a judge can say
+how many of the model's picks the speech tolerates before it stops being intelligible.
 """
 
 from __future__ import annotations
@@ -66,6 +70,18 @@ def codes_teacher_forced(model: PreTrainedModel, tok: SpeechTokenizer, prompt: n
         token = _draw(logits[position], allowed, truth[:frame].tolist(), tok, sampling, generator)
         codes.append(token - tok.code_offset)
     return torch.tensor(codes, dtype=torch.long)
+
+
+def mix_codes(recording: np.ndarray, picks: np.ndarray, share: float, draws: np.ndarray) -> np.ndarray:
+    """The recording's codes with the frames whose `draws` (uniform in [0, 1), one per frame, shared by every
+    share so that a larger share replaces a superset of frames) fall under `share` taken from `picks`."""
+    recording, picks, draws = np.asarray(recording), np.asarray(picks), np.asarray(draws)
+    if not (recording.shape == picks.shape == draws.shape and recording.ndim == 1):
+        raise ValueError(f"need one pick and one draw per recorded frame; got {recording.shape} codes, "
+                         f"{picks.shape} picks and {draws.shape} draws")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share {share} is not in [0, 1]")
+    return np.where(draws < share, picks, recording)
 
 
 def _feeds_before(tok: SpeechTokenizer, char_ids: Sequence[int], char_starts: Sequence[int], frames: int,
