@@ -43,6 +43,9 @@ WAYS = ("ground_truth", "free", "given_timing", "teacher_forced", "teacher_force
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval_tts")
 def main(cfg: DictConfig) -> None:
     ev = cfg.eval
+    mix_shares = [float(share) for share in ev.mix_shares]
+    if any(not 0.0 <= share <= 1.0 for share in mix_shares):  # before minutes of synthesis, not after
+        raise ValueError(f"eval.mix_shares must lie in [0, 1]; got {mix_shares}")
     codec = load_codec(ev.codec_run).eval()
     head = require_ctc_head(ev.codec_run, "the timings come from its forced alignment")
     model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
@@ -50,7 +53,6 @@ def main(cfg: DictConfig) -> None:
     generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None
     judge = WhisperJudge.from_config(cfg.judges.asr)
     shuffle = np.random.default_rng(int(ev.seed))
-    mix_shares = [float(share) for share in ev.mix_shares]
     mixing = np.random.default_rng(int(ev.seed) + 1)  # its own draws: the shuffles stay as without mixing
     ways = [*WAYS, *(f"teacher_forced_mixed_{share:g}" for share in mix_shares)]
     rate, table, report = codec.frame_rate, {}, {"speechlm_run": str(ev.speechlm_run), "conditions": {}}
