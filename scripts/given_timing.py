@@ -30,7 +30,7 @@ from voxlm.codec.align import character_error, require_ctc_head, transcript_timi
 from voxlm.codec.module import load_codec
 from voxlm.data.text import normalize_text
 from voxlm.eval.asr import WhisperJudge, corpus_wer
-from voxlm.eval.given_timing import codes_at_timings, codes_teacher_forced, mix_codes
+from voxlm.eval.given_timing import check_share, codes_at_timings, codes_teacher_forced, mix_codes
 from voxlm.eval.report import markdown_table, write_json
 from voxlm.eval.tts_eval import build_cases, case_prompt, decode_codes, encode_audio
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
@@ -43,9 +43,7 @@ WAYS = ("ground_truth", "free", "given_timing", "teacher_forced", "teacher_force
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval_tts")
 def main(cfg: DictConfig) -> None:
     ev = cfg.eval
-    mix_shares = [float(share) for share in ev.mix_shares]
-    if any(not 0.0 <= share <= 1.0 for share in mix_shares):  # before minutes of synthesis, not after
-        raise ValueError(f"eval.mix_shares must lie in [0, 1]; got {mix_shares}")
+    mix_shares = [check_share(share) for share in ev.mix_shares]  # before minutes of synthesis, not after
     codec = load_codec(ev.codec_run).eval()
     head = require_ctc_head(ev.codec_run, "the timings come from its forced alignment")
     model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)

@@ -79,9 +79,15 @@ def mix_codes(recording: np.ndarray, picks: np.ndarray, share: float, draws: np.
     if not (recording.shape == picks.shape == draws.shape and recording.ndim == 1):
         raise ValueError(f"need one pick and one draw per recorded frame; got {recording.shape} codes, "
                          f"{picks.shape} picks and {draws.shape} draws")
+    return np.where(draws < check_share(share), picks, recording)
+
+
+def check_share(share: float) -> float:
+    """`share` as a float, or a ValueError when it is no share of frames (outside [0, 1])."""
+    share = float(share)
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share {share} is not in [0, 1]")
-    return np.where(draws < share, picks, recording)
+        raise ValueError(f"share {share} is not in [0, 1]: the share of the recording's frames replaced")
+    return share
 
 
 def _feeds_before(tok: SpeechTokenizer, char_ids: Sequence[int], char_starts: Sequence[int], frames: int,
