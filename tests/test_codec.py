@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from voxlm.codec.align import cuts_from_log_probs, starts_from_log_probs, transcript_timings
-from voxlm.codec.losses import CTCHead
+from voxlm.codec.losses import CTCHead, latent_change
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, lr_factor
 
@@ -326,6 +326,38 @@ def test_ctc_head_trains_on_whole_utterances(speech, tmp_path: Path) -> None:
     ctc = [h["train/ctc"] for h in recorder.history]
     assert all(np.isfinite(ctc)) and ctc[0] > 0.5
     assert np.mean(ctc[-2:]) < ctc[0], ctc
+
+
+def test_latent_change_is_mean_step_in_level_units_without_padding() -> None:
+    steady_then_jump = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])  # frame 3: padding
+    assert float(latent_change(steady_then_jump)) == pytest.approx((0 + 1 + 8) / 3)
+    assert float(latent_change(steady_then_jump, torch.tensor([3]))) == pytest.approx((0 + 1) / 2)
+
+
+def test_stability_penalty_makes_codes_repeat(speech, tmp_path: Path) -> None:
+    """The same steps from the same start, with and without the penalty: with it the latents move less from
+    frame to frame and more frames keep the previous frame's code."""
+    batches = batches_of(speech, crop=16000, batch_size=2, texts=SENTENCES) * 6
+    audio = torch.cat([batch["audio"] for batch in batches[:2]])
+    results = {}
+    for weight in (0.0, 20.0):
+        torch.manual_seed(0)
+        module = tiny_module(weights={"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "ctc": 0.0,
+                                      "stability": weight})
+        recorder = Recorder()
+        trainer = make_trainer(tmp_path, max_steps=12, callbacks=[recorder])
+        trainer.fit(module, train_dataloaders=loader(batches))
+        codec = module.codec.eval()
+        with torch.no_grad():
+            change = float(latent_change(codec.quantizer.bound(codec.encoder(audio))))
+        codes = codec.encode(audio)
+        results[weight] = (change, float((codes[:, 1:] == codes[:, :-1]).float().mean()), recorder.history)
+    (change_off, repeat_off, history_off), (change_on, repeat_on, history_on) = results[0.0], results[20.0]
+    assert "train/stability" not in history_off[-1] and np.isfinite(history_on[-1]["train/stability"])
+    assert history_on[-1]["train/stability"] < history_on[0]["train/stability"]
+    assert change_on < 0.7 * change_off, (change_on, change_off)
+    assert repeat_on > repeat_off + 0.1, (repeat_on, repeat_off)
+    assert 0.0 <= history_on[-1]["train/code_repeat"] <= 1.0
 
 
 # --- word timings by forced alignment (voxlm.codec.align) -------------------------------------------------

@@ -15,7 +15,15 @@ import soundfile as sf
 from conftest import ROOT, SENTENCE_A, train_config, white_noise
 
 from voxlm.eval.asr import WhisperJudge, corpus_wer, is_repetition_loop, utterance_wer, utterance_wers
-from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
+from voxlm.eval.audio_metrics import (
+    code_repeat,
+    codebook_usage,
+    log_mel_distance,
+    pesq_wb,
+    si_sdr,
+    snr_db,
+    stoi,
+)
 from voxlm.eval.best_of_n import kept_rows
 from voxlm.eval.dnsmos import DnsmosJudge
 from voxlm.eval.report import (
@@ -190,6 +198,15 @@ def test_codebook_usage() -> None:
                                                                                "perplexity": 1.0})
     with pytest.raises(ValueError):
         codebook_usage(np.array([0, 8]), codebook_size=8)
+
+
+def test_code_repeat_counts_pairs_within_each_utterance() -> None:
+    # 2 repeats in 3 pairs, then 0 in 1; the boundary between the two utterances is no pair.
+    assert code_repeat([np.array([5, 5, 5, 7]), np.array([7, 1])]) == pytest.approx(2 / 4)
+    assert code_repeat([np.zeros(10, dtype=np.int64)]) == 1.0
+    assert code_repeat([np.arange(10), np.array([3])]) == 0.0
+    with pytest.raises(ValueError, match="no pair"):
+        code_repeat([np.array([1]), np.array([], dtype=np.int64)])
 
 
 # ---- reports ----

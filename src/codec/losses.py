@@ -1,9 +1,15 @@
 """The codec's training objectives: multi-scale log-mel L1, adversarial losses (hinge or least squares),
-feature matching, an auxiliary CTC head for phonetic supervision, and codebook usage statistics.
+feature matching, an auxiliary CTC head for phonetic supervision, a stability penalty on how far the latents
+move from one frame to the next, and codebook usage statistics.
 
 The CTC head exists because mel-only training keeps the spectrogram's shape but loses phonetic detail that
 ASR needs (calibration notes): predicting the transcript's characters from the quantized latents pushes
 the codes to carry it. It is used in training only and is not part of the codec.
+
+The stability penalty exists for the SpeechLM that reads the codes: a latent that jitters across FSQ's
+rounding boundaries from frame to frame changes the code on ~90% of frames even in a steady vowel, and that
+jitter is entropy the SpeechLM must predict but the decoder smooths away. An L1 penalty on the change keeps
+codes constant where the sound is (the total-variation prior of signal denoising).
 """
 
 from __future__ import annotations
@@ -111,3 +117,13 @@ class CTCHead(nn.Module):
         # zero_infinity: a transcript too long for its frames would otherwise give an infinite loss.
         return F.ctc_loss(log_probs.float(), torch.cat(targets).to(latents.device), frame_lengths,
                           target_lengths.to(latents.device), blank=0, zero_infinity=True)
+
+
+def latent_change(bounded: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Mean absolute change of the bounded, pre-rounding latents [B, F, D] from each frame to the next, in
+    FSQ level units (a change of 1 moves a digit by one level); `lengths` [B] (frames) leaves padding out."""
+    change = (bounded[:, 1:] - bounded[:, :-1]).abs().mean(-1)  # [B, F - 1]
+    if lengths is None:
+        return change.mean()
+    valid = torch.arange(change.shape[1], device=change.device)[None] < (lengths[:, None] - 1)
+    return (change * valid).sum() / valid.sum().clamp(min=1)

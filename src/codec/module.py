@@ -2,7 +2,8 @@
 
 Each batch: reconstruct; from `adversarial_start_step` on, one discriminator step on real vs. generated
 audio; then one generator step on weighted mel L1 + feature matching + adversarial + CTC losses. Before
-`adversarial_start_step` the discriminators are not run at all, to save CPU. A batch whose loss or
+`adversarial_start_step` the discriminators are not run at all, to save CPU. With a `stability` weight, the
+latents' change from frame to frame is penalized too (voxlm.codec.losses.latent_change). A batch whose loss or
 gradient is not finite is skipped and counted; `max_consecutive_nonfinite` such batches in a row stop
 training. Validation logs mel loss, codebook usage over the whole validation set, and writes a few audio
 samples with original-vs-reconstruction mel images into <run folder>/samples (and to the logger when it
@@ -30,9 +31,10 @@ from voxlm.codec.losses import (
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
+    latent_change,
 )
 from voxlm.codec.model import Codec, CodecOutput
-from voxlm.eval.audio_metrics import codebook_usage
+from voxlm.eval.audio_metrics import code_repeat, codebook_usage
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, schedule: str) -> float:
@@ -67,7 +69,7 @@ class CodecModule(L.LightningModule):
         )
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
-        self.val_codes: list[Tensor] = []
+        self.val_codes: list[np.ndarray] = []  # each validation item's codes
         self.last_val: dict[str, float] = {}
 
     # ---------------------------------------------------------------- optimizers
@@ -159,7 +161,8 @@ class CodecModule(L.LightningModule):
                  "train/nonfinite_steps": float(self.nonfinite_steps)}
         if g_ok:  # codes of a non-finite batch are garbage
             usage = codebook_usage(out.codes.cpu().numpy(), self.codec.codebook_size)
-            logs |= {"train/codebook_usage": usage["share_used"], "train/perplexity": usage["perplexity"]}
+            logs |= {"train/codebook_usage": usage["share_used"], "train/perplexity": usage["perplexity"],
+                     "train/code_repeat": code_repeat(self.frame_codes(out.codes, batch["lengths"]))}
         self.log("train/mel", logs.pop("train/mel"), prog_bar=True, batch_size=len(audio))
         self.log_dict(logs, batch_size=len(audio))
 
@@ -189,7 +192,15 @@ class CodecModule(L.LightningModule):
             losses["feature_matching"] = feature_matching_loss(real_features, [o[1] for o in outputs])
         if self.ctc_head is not None:
             losses["ctc"] = self.ctc_loss(batch, out)
+        if self.loss_cfg["weights"].get("stability", 0.0) > 0:
+            frames = torch.ceil(batch["lengths"] / self.codec.hop_length).long()
+            losses["stability"] = latent_change(self.codec.quantizer.bound(out.latents), frames)
         return losses
+
+    def frame_codes(self, codes: Tensor, lengths: Tensor) -> list[np.ndarray]:
+        """Each item's codes [B, F] without the frames of its padding."""
+        frames = torch.ceil(lengths / self.codec.hop_length).long().tolist()
+        return [row[:n].cpu().numpy() for row, n in zip(codes, frames, strict=True)]
 
     def ctc_loss(self, batch: dict[str, Any], out: CodecOutput) -> Tensor:
         """CTC on the items whose transcript matches their audio.
@@ -240,19 +251,22 @@ class CodecModule(L.LightningModule):
         audio = batch["audio"]
         out = self.codec(audio)
         self.log("val/mel_loss", self.mel_loss(out.audio, audio), prog_bar=True, batch_size=len(audio))
-        self.val_codes.append(out.codes.flatten().cpu())
+        self.val_codes.extend(self.frame_codes(out.codes, batch["lengths"]))
         if batch_idx == 0 and self.trainer.is_global_zero:
             self.write_samples(audio, out.audio, batch["lengths"])
 
     def on_validation_epoch_end(self) -> None:
         if not self.val_codes:
             return
-        usage = codebook_usage(torch.cat(self.val_codes).numpy(), self.codec.codebook_size)
+        usage = codebook_usage(np.concatenate(self.val_codes), self.codec.codebook_size)
+        repeat = code_repeat(self.val_codes)
         self.val_codes.clear()
-        self.log_dict({"val/codebook_usage": usage["share_used"], "val/perplexity": usage["perplexity"]})
+        self.log_dict({"val/codebook_usage": usage["share_used"], "val/perplexity": usage["perplexity"],
+                       "val/code_repeat": repeat})
         mel = self.trainer.callback_metrics.get("val/mel_loss")
         self.last_val = {"val_mel_loss": float(mel) if mel is not None else float("nan"),
-                         "codebook_usage": usage["share_used"], "codebook_perplexity": usage["perplexity"]}
+                         "codebook_usage": usage["share_used"], "codebook_perplexity": usage["perplexity"],
+                         "code_repeat": repeat}
 
     def write_samples(self, audio: Tensor, reconstruction: Tensor, lengths: Tensor) -> None:
         """Original and reconstructed audio plus a mel comparison image for the first few items, into

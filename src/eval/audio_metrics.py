@@ -96,3 +96,15 @@ def codebook_usage(codes: np.ndarray, codebook_size: int) -> dict[str, float]:
     nonzero = probs[probs > 0]
     return {"share_used": float((counts > 0).mean()),
             "perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero))))}
+
+
+def code_repeat(sequences: list[np.ndarray]) -> float:
+    """Share of frames whose code equals the previous frame's, over code sequences (one per utterance).
+
+    A unigram perplexity says how many codes a codec uses; this says how predictable its code sequence is from
+    one frame to the next: a steady sound that keeps its code is cheap for a SpeechLM to continue."""
+    pairs = [np.asarray(codes).ravel() for codes in sequences]
+    total = sum(max(len(codes) - 1, 0) for codes in pairs)
+    if total == 0:
+        raise ValueError("no pair of consecutive codes to compare")
+    return float(sum(int((codes[1:] == codes[:-1]).sum()) for codes in pairs) / total)

@@ -24,7 +24,15 @@ from voxlm.codec.model import Codec
 from voxlm.codec.module import load_codec
 from voxlm.data.dataset import build_dataset
 from voxlm.eval.asr import WhisperJudge
-from voxlm.eval.audio_metrics import codebook_usage, log_mel_distance, pesq_wb, si_sdr, snr_db, stoi
+from voxlm.eval.audio_metrics import (
+    code_repeat,
+    codebook_usage,
+    log_mel_distance,
+    pesq_wb,
+    si_sdr,
+    snr_db,
+    stoi,
+)
 from voxlm.eval.report import markdown_table, plot_mel_pairs, write_json, write_markdown_table
 
 log = logging.getLogger(__name__)
@@ -141,6 +149,7 @@ def evaluate_condition(codec: Codec, clips: list[Clip], judge: WhisperJudge, chu
         "n": len(clips), "wer_original": wer_original, "wer_resynth": wer_resynth,
         "wer_ratio": wer_resynth / wer_original if wer_original > 0 else math.inf,
         "codebook_share_used": usage["share_used"], "codebook_perplexity": usage["perplexity"],
+        "code_repeat": code_repeat(all_codes),
         "encode_x_real_time": audio_seconds / encode_seconds,
         "decode_x_real_time": audio_seconds / decode_seconds,
     })
