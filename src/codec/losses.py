@@ -7,9 +7,10 @@ ASR needs (calibration notes): predicting the transcript's characters from the q
 the codes to carry it. It is used in training only and is not part of the codec.
 
 The stability penalty exists for the SpeechLM that reads the codes: a latent that jitters across FSQ's
-rounding boundaries from frame to frame changes the code on ~90% of frames even in a steady vowel, and that
-jitter is entropy the SpeechLM must predict but the decoder smooths away. An L1 penalty on the change keeps
-codes constant where the sound is (the total-variation prior of signal denoising).
+rounding boundaries changes the code on ~90% of frames (the quickstart codecs, at 100 frames/s, where a steady
+sound spans many frames), and that jitter is entropy the SpeechLM must predict but the decoder smooths away.
+An L1 penalty on the change favours latents that hold still while the sound does (the total-variation prior
+of signal denoising).
 """
 
 from __future__ import annotations

@@ -160,9 +160,10 @@ class CodecModule(L.LightningModule):
         logs |= {"train/loss_g": loss_g.detach(), "train/lr": lr,
                  "train/nonfinite_steps": float(self.nonfinite_steps)}
         if g_ok:  # codes of a non-finite batch are garbage
-            usage = codebook_usage(out.codes.cpu().numpy(), self.codec.codebook_size)
+            codes = self.frame_codes(out.codes, batch["lengths"])  # as validation counts them: no padding
+            usage = codebook_usage(np.concatenate(codes), self.codec.codebook_size)
             logs |= {"train/codebook_usage": usage["share_used"], "train/perplexity": usage["perplexity"],
-                     "train/code_repeat": code_repeat(self.frame_codes(out.codes, batch["lengths"]))}
+                     "train/code_repeat": code_repeat(codes)}
         self.log("train/mel", logs.pop("train/mel"), prog_bar=True, batch_size=len(audio))
         self.log_dict(logs, batch_size=len(audio))
 
