@@ -311,6 +311,10 @@ class Codec(nn.Module):
         reconstruction = self.decoder(quantized)[:, : audio.shape[-1]]
         return CodecOutput(reconstruction, codes, latents, quantized)
 
+    def num_frames(self, lengths: Tensor) -> Tensor:
+        """Clip lengths in samples (LongTensor) -> how many codes each encodes to: ceil(length / hop)."""
+        return torch.div(lengths + self.hop_length - 1, self.hop_length, rounding_mode="floor")
+
     @torch.no_grad()
     def encode(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
         """audio [B, T] -> codes LongTensor [B, ceil(T / hop)] (T is zero-padded to a multiple of hop).
@@ -318,8 +322,7 @@ class Codec(nn.Module):
         lengths [B] (samples) marks zero padding in a batch of unequal clips: each clip's first
         ceil(length / hop) codes then equal what it encodes to alone.
         """
-        frames = None if lengths is None else torch.div(lengths + self.hop_length - 1, self.hop_length,
-                                                        rounding_mode="floor")
+        frames = None if lengths is None else self.num_frames(lengths)
         return self.quantizer(self.encoder(self.pad_to_hop(audio), frames))[1]
 
     @torch.no_grad()

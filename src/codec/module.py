@@ -194,13 +194,13 @@ class CodecModule(L.LightningModule):
         if self.ctc_head is not None:
             losses["ctc"] = self.ctc_loss(batch, out)
         if self.loss_cfg["weights"].get("stability", 0.0) > 0:
-            frames = torch.ceil(batch["lengths"] / self.codec.hop_length).long()
+            frames = self.codec.num_frames(batch["lengths"])
             losses["stability"] = latent_change(self.codec.quantizer.bound(out.latents), frames)
         return losses
 
     def frame_codes(self, codes: Tensor, lengths: Tensor) -> list[np.ndarray]:
         """Each item's codes [B, F] without the frames of its padding."""
-        frames = torch.ceil(lengths / self.codec.hop_length).long().tolist()
+        frames = self.codec.num_frames(lengths).tolist()
         return [row[:n].cpu().numpy() for row, n in zip(codes, frames, strict=True)]
 
     def ctc_loss(self, batch: dict[str, Any], out: CodecOutput) -> Tensor:
@@ -215,7 +215,7 @@ class CodecModule(L.LightningModule):
         keep = [i for i in range(len(lengths)) if whole[i] and batch["texts"][i].strip()]
         if not keep:
             return out.quantized.sum() * 0.0  # keeps the graph (and DDP's gradient all-reduce) uniform
-        frames = torch.ceil(lengths[keep] / self.codec.hop_length).long()
+        frames = self.codec.num_frames(lengths[keep])
         return self.ctc_head(out.quantized[keep], frames, [batch["texts"][i] for i in keep])
 
     def count_nonfinite(self, finite: bool) -> None:
