@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> None:
                     mix_codes(truth, codes["teacher_forced"].numpy(), share, draws))
             texts.append(case.text)
             for way, said in codes.items():
-                audio = decode_codes(codec, said)
+                audio = decode_codes(codec, said, case.reference_audio)
                 results[way]["hypotheses"].append(judge.transcribe_one(audio, codec.sample_rate))
                 results[way]["cer"].append(character_error(head, codec.quantizer, said.numpy(), text))
                 results[way]["duration"].append(len(said) / len(truth))

@@ -20,9 +20,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from voxlm.codec.align import cuts_from_log_probs, starts_from_log_probs, transcript_timings
-from voxlm.codec.losses import CTCHead, latent_change
+from voxlm.codec.losses import CTCHead, SpeakerAdversary, latent_change
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
-from voxlm.codec.module import CodecModule, lr_factor
+from voxlm.codec.module import CodecModule, load_codec, lr_factor
+from voxlm.codec.stage import save_codec
+from voxlm.eval.tts_eval import decode_codes
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -164,6 +166,89 @@ def test_decoder_is_causal(tiny_codec: Codec) -> None:
     hop = tiny_codec.hop_length
     assert torch.equal(before[:, : 30 * hop], after[:, : 30 * hop])
     assert not torch.allclose(before[:, 30 * hop:], after[:, 30 * hop:])
+
+
+def test_voice_codec_decodes_in_the_voice_it_is_given(speech: list[torch.Tensor]) -> None:
+    """A codec with a voice encoder: decoding needs a voice, a different voice gives different audio, a
+    stream in that voice equals the offline decode, and a clip's voice does not depend on its batch."""
+    torch.manual_seed(0)
+    codec = Codec(**{**codec_config("tiny")["model"], "voice_dim": 8}).eval()
+    plain = Codec(**codec_config("tiny")["model"]).eval()
+    assert codec.has_voice and not plain.has_voice
+    codes = codec.encode(speech[0][None])
+    voices = [codec.voice(clip[None]) for clip in speech[1:3]]
+    assert voices[0].shape == (1, 8)
+    with pytest.raises(ValueError, match="needs a voice"):
+        codec.decode(codes)
+    with pytest.raises(ValueError, match="no voice encoder"):
+        plain.voice(speech[1][None])
+    first, second = (codec.decode(codes, voice) for voice in voices)
+    assert first.shape == (1, codes.shape[1] * codec.hop_length)
+    assert (first - second).abs().max() > 1e-3
+    state, pieces = codec.init_stream(1, voices[0]), []
+    for start in range(0, codes.shape[1], 7):
+        audio, state = codec.stream(codes[:, start: start + 7], state)
+        pieces.append(audio)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), first, rtol=1e-4, atol=1e-5)
+    # In a batch padded to the longer clip, the shorter clip's voice is its voice alone.
+    short, long = speech[1], speech[2]
+    batch = torch.zeros(2, max(len(short), len(long)))
+    batch[0, : len(short)], batch[1, : len(long)] = short, long
+    batched = codec.voice(batch, torch.tensor([len(short), len(long)]))
+    alone = codec.voice(codec.pad_to_hop(short)[None])[0]
+    torch.testing.assert_close(batched[0], alone, rtol=1e-4, atol=1e-5)
+    # The evaluation's decoder takes the reference clip, and refuses to guess a voice.
+    audio = decode_codes(codec, codes[0], speech[1].numpy())
+    np.testing.assert_allclose(audio, first[0].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="reference clip"):
+        decode_codes(codec, codes[0])
+
+
+def test_speaker_adversary_reverses_its_gradient_into_the_codes() -> None:
+    """The classifier learns to name the speaker (its own gradient is the cross-entropy's); the latents get
+    the cross-entropy's gradient negated, so the encoder learns to hide the speaker."""
+    torch.manual_seed(0)
+    adversary = SpeakerAdversary(3, 8, 3, ["alice", "bob"])
+    latents = torch.randn(2, 10, 3, requires_grad=True)
+    lengths = torch.tensor([10, 6])
+    loss, accuracy = adversary(latents, lengths, ["alice", "bob"])
+    loss.backward()
+    reversed_latents, reversed_head = latents.grad.clone(), adversary.head.weight.grad.clone()
+    # The same cross-entropy computed without the reversal.
+    latents.grad, adversary.head.weight.grad = None, None
+    x = adversary.net(latents.transpose(1, 2))
+    mask = (torch.arange(10) < lengths[:, None]).unsqueeze(1).float()
+    logits = adversary.head((x * mask).sum(-1) / mask.sum(-1))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    torch.testing.assert_close(reversed_latents, -latents.grad)
+    torch.testing.assert_close(reversed_head, adversary.head.weight.grad)
+    assert 0.0 <= float(accuracy) <= 1.0
+    with pytest.raises(ValueError, match="not among the codec's training speakers"):
+        adversary(latents, lengths, ["alice", "carol"])
+
+
+def test_voice_codec_trains_with_the_speaker_adversary(speech, tmp_path: Path) -> None:
+    """A voice codec with the adversary on: both train (finite losses, the adversary's accuracy logged),
+    and the saved codec loads back with its voice encoder."""
+    torch.manual_seed(0)
+    cfg = codec_config("tiny")
+    cfg["model"]["voice_dim"] = 8
+    cfg["loss"]["weights"] |= {"ctc": 0.0, "speaker_adversary": 1.0}
+    cfg["optim"]["total_steps"] = 6
+    module = CodecModule(cfg["model"], cfg["optim"], cfg["loss"], cfg["log"], speakers=["us", "gb"])
+    batches = batches_of(speech, crop=16000, batch_size=2, texts=SENTENCES)
+    for batch in batches:
+        batch["speakers"] = ["us", "gb"]
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[recorder])
+    trainer.fit(module, train_dataloaders=loader(batches * 3))
+    last = recorder.history[-1]
+    assert np.isfinite(last["train/speaker_adversary"]) and 0.0 <= last["train/speaker_accuracy"] <= 1.0
+    codec = load_codec(save_codec(module, tmp_path / "codec.pt"))
+    assert codec.has_voice
+    voice = codec.voice(speech[0][None])
+    torch.testing.assert_close(codec.decode(codec.encode(speech[0][None]), voice),
+                               module.codec.eval().decode(module.codec.encode(speech[0][None]), voice))
 
 
 def test_left_context_shorter_than_receptive_field_is_refused() -> None:

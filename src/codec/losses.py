@@ -11,6 +11,11 @@ rounding boundaries changes the code on ~90% of frames (the quickstart codecs, a
 sound spans many frames), and that jitter is entropy the SpeechLM must predict but the decoder smooths away.
 An L1 penalty on the change favours latents that hold still while the sound does (the total-variation prior
 of signal denoising).
+
+The speaker adversary exists for codecs with a voice encoder: the decoder is told the voice, but nothing stops
+the codes from carrying it too. A classifier learns to name the speaker from the quantized latents, and its
+gradient reaches the encoder reversed (Ganin & Lempitsky's gradient reversal, as FACodec does for its content
+codes), so the codes learn to hide the speaker.
 """
 
 from __future__ import annotations
@@ -118,6 +123,48 @@ class CTCHead(nn.Module):
         # zero_infinity: a transcript too long for its frames would otherwise give an infinite loss.
         return F.ctc_loss(log_probs.float(), torch.cat(targets).to(latents.device), frame_lengths,
                           target_lengths.to(latents.device), blank=0, zero_infinity=True)
+
+
+class ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient backward is negated."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        return -grad
+
+
+class SpeakerAdversary(nn.Module):
+    """Names the speaker of each clip from its quantized latents [B, F, D] (convolutions, then the mean over
+    the clip's frames); trained with cross-entropy, its gradient into the latents reversed."""
+
+    def __init__(self, latent_dim: int, dim: int, kernel_size: int, speakers: list[str]):
+        super().__init__()
+        if not speakers:
+            raise ValueError("the speaker adversary needs the training speakers: the codec stage passes them")
+        self.speaker_to_id = {speaker: i for i, speaker in enumerate(speakers)}
+        self.net = nn.Sequential(
+            nn.Conv1d(latent_dim, dim, kernel_size, padding=kernel_size // 2),
+            nn.GELU(),
+            nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2),
+            nn.GELU(),
+        )
+        self.head = nn.Linear(dim, len(speakers))
+
+    def forward(self, latents: Tensor, frame_lengths: Tensor, speakers: list[str]) -> tuple[Tensor, Tensor]:
+        """-> (mean cross-entropy, share of clips named right)."""
+        unknown = sorted(set(speakers) - set(self.speaker_to_id))
+        if unknown:
+            raise ValueError(f"speakers {unknown} are not among the codec's training speakers")
+        x = self.net(ReverseGradient.apply(latents).transpose(1, 2))  # [B, dim, F]
+        mask = (torch.arange(x.shape[-1], device=x.device) < frame_lengths[:, None]).unsqueeze(1).to(x.dtype)
+        logits = self.head((x * mask).sum(-1) / mask.sum(-1).clamp(min=1))
+        targets = torch.tensor([self.speaker_to_id[s] for s in speakers], device=latents.device)
+        accuracy = (logits.argmax(-1) == targets).float().mean()
+        return F.cross_entropy(logits.float(), targets), accuracy
 
 
 def latent_change(bounded: Tensor, lengths: Tensor | None = None) -> Tensor:

@@ -4,6 +4,12 @@
     decode: codes ─► FSQ levels ─► causal ConvNeXt ─► Linear (log magnitude, phase) ─► inverse DFT
             ─► overlap-add ─► audio [B, F * hop]
 
+With `voice_dim > 0` the codec also has a voice encoder: any clip of a speaker ─► one vector [B, voice_dim]
+(mean and spread of its frames), which every decoder block adds to its input. The voice (timbre, pitch range)
+then need not be in the codes, which can spend their bits on what is said; a SpeechLM over them models the
+same units for every speaker (FACodec's global timbre vector, CosyVoice's speaker embedding). Decoding then
+takes a voice: `Codec.voice(reference audio)`, from the prompt clip in voice cloning.
+
 The encoder runs offline (tokenizing a corpus, encoding a voice prompt) and may look ahead. The decoder is
 built for streaming and for export to MAX graphs: every convolution is causal (left padding only), the
 inverse STFT is a matmul with a fixed basis followed by a reshape-and-add overlap-add (no complex tensors,
@@ -153,6 +159,40 @@ class Encoder(nn.Module):
         return self.latent_norm(x.transpose(1, 2)).transpose(1, 2)
 
 
+class VoiceEncoder(nn.Module):
+    """Audio [B, F * hop] -> one voice vector per clip [B, voice_dim]: ConvNeXt over the log-magnitude STFT,
+    then the mean and standard deviation of the frames (x-vector statistics pooling), projected."""
+
+    def __init__(self, n_fft: int, hop_length: int, dim: int, intermediate_dim: int, num_layers: int,
+                 kernel_size: int, voice_dim: int):
+        super().__init__()
+        self.stft = STFT(n_fft, hop_length)
+        self.embed = nn.Conv1d(n_fft // 2 + 1, dim, kernel_size, padding=kernel_size // 2)
+        self.blocks = nn.ModuleList(
+            ConvNeXtBlock(dim, intermediate_dim, kernel_size, 1 / num_layers, causal=False)
+            for _ in range(num_layers)
+        )
+        self.proj = nn.Linear(2 * dim, voice_dim)
+        self.norm = nn.LayerNorm(voice_dim)
+
+    def forward(self, audio: Tensor, frames: Tensor | None = None) -> Tensor:
+        """frames [B]: each clip's true length in frames, for batches padded to the longest clip. As in the
+        Encoder, frames past it are zeroed before every convolution and left out of the statistics, so a
+        clip gives the same voice alone or in any batch."""
+        real, imag = self.stft(audio)
+        if frames is None:
+            frames = torch.full((real.shape[0],), real.shape[-1], device=audio.device)
+        positions = torch.arange(real.shape[-1], device=audio.device)
+        mask = (positions < frames[:, None]).unsqueeze(1).to(real.dtype)
+        x = self.embed(mask * 0.5 * torch.log((real**2 + imag**2).clamp(min=1e-10))) * mask
+        for block in self.blocks:
+            x = block(x) * mask
+        count = mask.sum(-1).clamp(min=1)
+        mean = (x * mask).sum(-1) / count
+        spread = (((x - mean[..., None]) ** 2 * mask).sum(-1) / count).clamp(min=1e-6).sqrt()
+        return self.norm(self.proj(torch.cat([mean, spread], dim=-1)))
+
+
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al., 2023) with one codebook.
 
@@ -201,11 +241,14 @@ class FSQ(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Quantized latents [B, F, latent_dim] -> audio [B, F * hop], causal in frames."""
+    """Quantized latents [B, F, latent_dim] (and a voice [B, voice_dim] when voice_dim > 0) -> audio
+    [B, F * hop], causal in frames."""
 
     def __init__(self, latent_dim: int, dim: int, intermediate_dim: int, num_layers: int, kernel_size: int,
-                 n_fft: int, hop_length: int):
+                 n_fft: int, hop_length: int, voice_dim: int = 0):
         super().__init__()
+        # One projection of the voice per block input, so that no depth of the stack has to carry it.
+        self.voice_proj = nn.Linear(voice_dim, dim * num_layers) if voice_dim > 0 else None
         self.kernel_size, self.num_layers = kernel_size, num_layers
         self.embed = nn.Conv1d(latent_dim, dim, kernel_size)
         self.norm = nn.LayerNorm(dim)
@@ -225,19 +268,24 @@ class Decoder(nn.Module):
         """How many frames (this one included) the output of one frame depends on."""
         return (self.kernel_size - 1) * (self.num_layers + 1) + 1
 
-    def frames(self, latents: Tensor) -> Tensor:
-        """latents [B, F, latent_dim] -> windowed time-domain frames [B, F, n_fft]."""
+    def frames(self, latents: Tensor, voice: Tensor | None = None) -> Tensor:
+        """latents [B, F, latent_dim] (voice [B, voice_dim]) -> windowed time-domain frames [B, F, n_fft]."""
+        if (voice is None) != (self.voice_proj is None):
+            raise ValueError("this decoder was built with voice_dim > 0 and needs a voice: Codec.voice(audio)"
+                             if voice is None else "this decoder has no voice input (voice_dim is 0)")
         x = self.embed(F.pad(latents.transpose(1, 2), (self.kernel_size - 1, 0)))
         x = channel_norm(self.norm, x)
-        for block in self.blocks:
-            x = block(x)
+        shifts = ([None] * len(self.blocks) if voice is None
+                  else self.voice_proj(voice).chunk(len(self.blocks), dim=-1))
+        for block, shift in zip(self.blocks, shifts, strict=True):
+            x = block(x if shift is None else x + shift[..., None])
         log_magnitude, phase = self.head(self.final_norm(x.transpose(1, 2))).chunk(2, dim=-1)
         magnitude = torch.exp(log_magnitude.clamp(max=self.max_log_magnitude))
         return self.istft.frames(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
 
-    def forward(self, latents: Tensor) -> Tensor:
+    def forward(self, latents: Tensor, voice: Tensor | None = None) -> Tensor:
         num_samples = latents.shape[1] * self.istft.hop_length
-        return self.istft.overlap_add(self.frames(latents))[:, :num_samples]
+        return self.istft.overlap_add(self.frames(latents, voice))[:, :num_samples]
 
 
 @dataclass
@@ -246,12 +294,14 @@ class CodecOutput:
     codes: Tensor  # LongTensor [B, F]
     latents: Tensor  # normalized pre-quantization latents [B, F, D]
     quantized: Tensor  # quantized latents [B, F, D] in [-1, 1], what the decoder reads
+    voice: Tensor | None = None  # [B, voice_dim], the clip's own voice, when the codec has a voice encoder
 
 
 @dataclass
 class StreamState:
     codes: Tensor  # LongTensor [B, <= left_context_frames]: the decoder's left context
     tail: Tensor  # [B, n_fft - hop]: overlap-add of past frames into samples not yet emitted
+    voice: Tensor | None = None  # [B, voice_dim]: the voice every frame is decoded in (voice_dim > 0)
 
 
 class Codec(nn.Module):
@@ -260,7 +310,8 @@ class Codec(nn.Module):
     def __init__(self, sample_rate: int, hop_length: int, n_fft: int, levels: list[int],
                  encoder_dim: int, encoder_intermediate_dim: int, encoder_layers: int,
                  decoder_dim: int, decoder_intermediate_dim: int, decoder_layers: int,
-                 kernel_size: int, left_context_frames: int):
+                 kernel_size: int, left_context_frames: int, voice_dim: int = 0,
+                 voice_encoder_layers: int = 2):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
@@ -269,13 +320,17 @@ class Codec(nn.Module):
             encoder_dim=encoder_dim, encoder_intermediate_dim=encoder_intermediate_dim,
             encoder_layers=encoder_layers, decoder_dim=decoder_dim,
             decoder_intermediate_dim=decoder_intermediate_dim, decoder_layers=decoder_layers,
-            kernel_size=kernel_size, left_context_frames=left_context_frames,
+            kernel_size=kernel_size, left_context_frames=left_context_frames, voice_dim=voice_dim,
+            voice_encoder_layers=voice_encoder_layers,
         )
         self.encoder = Encoder(n_fft, hop_length, encoder_dim, encoder_intermediate_dim, encoder_layers,
                                kernel_size, latent_dim=len(levels))
         self.quantizer = FSQ(list(levels))
         self.decoder = Decoder(len(levels), decoder_dim, decoder_intermediate_dim, decoder_layers,
-                               kernel_size, n_fft, hop_length)
+                               kernel_size, n_fft, hop_length, voice_dim)
+        self.voice_encoder = None if voice_dim == 0 else VoiceEncoder(
+            n_fft, hop_length, encoder_dim, encoder_intermediate_dim, voice_encoder_layers, kernel_size,
+            voice_dim)
         self.left_context_frames = left_context_frames
         if left_context_frames < self.decoder.receptive_field - 1:
             raise ValueError(
@@ -304,12 +359,22 @@ class Codec(nn.Module):
     def pad_to_hop(self, audio: Tensor) -> Tensor:
         return F.pad(audio, (0, -audio.shape[-1] % self.hop_length))
 
-    def forward(self, audio: Tensor) -> CodecOutput:
-        """Training pass: audio [B, T] -> reconstruction [B, T], codes and latents for the losses."""
-        latents = self.encoder(self.pad_to_hop(audio))
+    @property
+    def has_voice(self) -> bool:
+        """Whether decoding takes a voice vector (the codec was built with voice_dim > 0)."""
+        return self.voice_encoder is not None
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None) -> CodecOutput:
+        """Training pass: audio [B, T] -> reconstruction [B, T], codes and latents for the losses. A codec
+        with a voice encoder decodes each clip in its own voice (lengths [B] keep padding out of it)."""
+        padded = self.pad_to_hop(audio)
+        latents = self.encoder(padded)
         quantized, codes = self.quantizer(latents)
-        reconstruction = self.decoder(quantized)[:, : audio.shape[-1]]
-        return CodecOutput(reconstruction, codes, latents, quantized)
+        voice = None
+        if self.voice_encoder is not None:
+            voice = self.voice_encoder(padded, None if lengths is None else self.num_frames(lengths))
+        reconstruction = self.decoder(quantized, voice)[:, : audio.shape[-1]]
+        return CodecOutput(reconstruction, codes, latents, quantized, voice)
 
     def num_frames(self, lengths: Tensor) -> Tensor:
         """Clip lengths in samples (LongTensor) -> how many codes each encodes to: ceil(length / hop)."""
@@ -326,15 +391,23 @@ class Codec(nn.Module):
         return self.quantizer(self.encoder(self.pad_to_hop(audio), frames))[1]
 
     @torch.no_grad()
-    def decode(self, codes: Tensor) -> Tensor:
-        """codes LongTensor [B, F] -> audio [B, F * hop]."""
-        return self.decoder(self.quantizer.codes_to_latent(codes))
+    def voice(self, audio: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Reference clips [B, T] of the voices to decode in -> voice vectors [B, voice_dim]."""
+        if self.voice_encoder is None:
+            raise ValueError("this codec has no voice encoder (voice_dim is 0): decode without a voice")
+        frames = None if lengths is None else self.num_frames(lengths)
+        return self.voice_encoder(self.pad_to_hop(audio), frames)
 
-    def init_stream(self, batch_size: int) -> StreamState:
+    @torch.no_grad()
+    def decode(self, codes: Tensor, voice: Tensor | None = None) -> Tensor:
+        """codes LongTensor [B, F] (and voice [B, voice_dim] when the codec has one) -> audio [B, F * hop]."""
+        return self.decoder(self.quantizer.codes_to_latent(codes), voice)
+
+    def init_stream(self, batch_size: int, voice: Tensor | None = None) -> StreamState:
         """The state before the first code: no left context, nothing pending in the overlap-add."""
         device = self.quantizer.levels.device
         tail = torch.zeros(batch_size, self.decoder.istft.n_fft - self.hop_length, device=device)
-        return StreamState(torch.zeros(batch_size, 0, dtype=torch.long, device=device), tail)
+        return StreamState(torch.zeros(batch_size, 0, dtype=torch.long, device=device), tail, voice)
 
     @torch.no_grad()
     def stream(self, codes: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
@@ -347,13 +420,14 @@ class Codec(nn.Module):
         if codes.shape[1] == 0:
             return state.tail.new_zeros(codes.shape[0], 0), state
         context = torch.cat([state.codes, codes], dim=1)
-        frames = self.decoder.frames(self.quantizer.codes_to_latent(context))[:, -codes.shape[1]:]
+        latents = self.quantizer.codes_to_latent(context)
+        frames = self.decoder.frames(latents, state.voice)[:, -codes.shape[1]:]
         audio = self.decoder.istft.overlap_add(frames)
         pending = state.tail.shape[1]
         audio = torch.cat([audio[:, :pending] + state.tail, audio[:, pending:]], dim=1)
         emitted = codes.shape[1] * self.hop_length
         keep = max(0, context.shape[1] - self.left_context_frames)
-        next_state = StreamState(context[:, keep:], audio[:, emitted:])
+        next_state = StreamState(context[:, keep:], audio[:, emitted:], state.voice)
         return audio[:, :emitted], next_state
 
     def flush(self, state: StreamState) -> Tensor:

@@ -3,7 +3,9 @@
 Each batch: reconstruct; from `adversarial_start_step` on, one discriminator step on real vs. generated
 audio; then one generator step on weighted mel L1 + feature matching + adversarial + CTC losses. Before
 `adversarial_start_step` the discriminators are not run at all, to save CPU. With a `stability` weight, the
-latents' change from frame to frame is penalized too (voxlm.codec.losses.latent_change). A batch whose loss or
+latents' change from frame to frame is penalized too (voxlm.codec.losses.latent_change). With a
+`speaker_adversary` weight (for codecs with a voice encoder), a classifier learns to name the speaker from the
+codes and the encoder learns to hide it (gradient reversal). A batch whose loss or
 gradient is not finite is skipped and counted; `max_consecutive_nonfinite` such batches in a row stop
 training. Validation logs mel loss, codebook usage over the whole validation set, and writes a few audio
 samples with original-vs-reconstruction mel images into <run folder>/samples (and to the logger when it
@@ -28,6 +30,7 @@ from voxlm.codec.discriminators import Discriminators
 from voxlm.codec.losses import (
     CTCHead,
     MultiScaleMelLoss,
+    SpeakerAdversary,
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
@@ -53,7 +56,8 @@ class CodecModule(L.LightningModule):
     """The codec, its discriminators and losses, built from the codec config's sections (model, optim,
     loss, log); `CodecModule.load_from_checkpoint(path)` rebuilds it from the checkpoint alone."""
 
-    def __init__(self, model_cfg: dict, optim_cfg: dict, loss_cfg: dict, log_cfg: dict | None = None):
+    def __init__(self, model_cfg: dict, optim_cfg: dict, loss_cfg: dict, log_cfg: dict | None = None,
+                 speakers: list[str] | None = None):
         super().__init__()
         self.save_hyperparameters()  # the checkpoint rebuilds this module from these four dicts alone
         self.automatic_optimization = False
@@ -67,6 +71,12 @@ class CodecModule(L.LightningModule):
             CTCHead(len(model_cfg["levels"]), ctc["dim"], ctc["kernel_size"], ctc["alphabet"])
             if loss_cfg["weights"]["ctc"] > 0 else None
         )
+        adversary = loss_cfg.get("speaker_adversary")
+        self.speaker_adversary = (
+            SpeakerAdversary(len(model_cfg["levels"]), adversary["dim"], adversary["kernel_size"],
+                             speakers or [])
+            if loss_cfg["weights"].get("speaker_adversary", 0.0) > 0 else None
+        )
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self.val_codes: list[np.ndarray] = []  # each validation item's codes
@@ -75,8 +85,8 @@ class CodecModule(L.LightningModule):
     # ---------------------------------------------------------------- optimizers
 
     def generator_parameters(self) -> list[torch.nn.Parameter]:
-        head = list(self.ctc_head.parameters()) if self.ctc_head is not None else []
-        return list(self.codec.parameters()) + head
+        heads = [h for h in (self.ctc_head, self.speaker_adversary) if h is not None]
+        return list(self.codec.parameters()) + [p for head in heads for p in head.parameters()]
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
@@ -129,7 +139,7 @@ class CodecModule(L.LightningModule):
         lr = self.set_learning_rates(opt_g, opt_d)
         audio = batch["audio"]
         norm_stats = self.norm_statistics()
-        out = self.codec(audio)
+        out = self.codec(audio, batch["lengths"])
         weights = self.loss_cfg["weights"]
         adversarial = self.global_step >= self.loss_cfg["adversarial_start_step"]
         logs: dict[str, Tensor] = {}
@@ -149,6 +159,8 @@ class CodecModule(L.LightningModule):
             logs["train/loss_d"] = loss_d.detach()
 
         losses = self.generator_losses(batch, out, fake, real_features)
+        if "speaker_accuracy" in losses:  # logged, not a loss
+            logs["train/speaker_accuracy"] = losses.pop("speaker_accuracy")
         loss_g = sum(weights[name] * value for name, value in losses.items())
         g_ok = self.optimizer_step(opt_g, loss_g, self.generator_parameters(), self.optim_cfg["grad_clip"],
                                    counts_as_global_step=True)
@@ -196,6 +208,9 @@ class CodecModule(L.LightningModule):
         if self.loss_cfg["weights"].get("stability", 0.0) > 0:
             frames = self.codec.num_frames(batch["lengths"])
             losses["stability"] = latent_change(self.codec.quantizer.bound(out.latents), frames)
+        if self.speaker_adversary is not None:
+            losses["speaker_adversary"], losses["speaker_accuracy"] = self.speaker_adversary(
+                out.quantized, self.codec.num_frames(batch["lengths"]), batch["speakers"])
         return losses
 
     def frame_codes(self, codes: Tensor, lengths: Tensor) -> list[np.ndarray]:
@@ -250,7 +265,7 @@ class CodecModule(L.LightningModule):
         if batch is None:
             return
         audio = batch["audio"]
-        out = self.codec(audio)
+        out = self.codec(audio, batch["lengths"])
         self.log("val/mel_loss", self.mel_loss(out.audio, audio), prog_bar=True, batch_size=len(audio))
         self.val_codes.extend(self.frame_codes(out.codes, batch["lengths"]))
         if batch_idx == 0 and self.trainer.is_global_zero:

@@ -23,8 +23,9 @@ from voxlm.training import build_trainer, config_dict, fit, seed_everything
 log = logging.getLogger(__name__)
 
 
-def train_loaders(cfg: DictConfig) -> tuple[DataLoader, DataLoader]:
-    """Shuffled random-crop batches for training; fixed crops of the first utterances for validation."""
+def train_loaders(cfg: DictConfig) -> tuple[DataLoader, DataLoader, list[str]]:
+    """Shuffled random-crop batches for training; fixed crops of the first utterances for validation; the
+    training speakers (sorted), which the speaker adversary names."""
     train = cfg.codec.train
     sample_rate = int(cfg.codec.model.sample_rate)
     crop_samples = int(train.crop_seconds * sample_rate)
@@ -42,7 +43,7 @@ def train_loaders(cfg: DictConfig) -> tuple[DataLoader, DataLoader]:
         val_set, batch_size=int(train.batch_size), shuffle=False,
         collate_fn=partial(leading_crop_collate, crop_samples=int(train.val_crop_seconds * sample_rate)),
     )
-    return train_loader, val_loader
+    return train_loader, val_loader, sorted(set(train_set.speakers))
 
 
 def leading_crop_collate(batch: list, crop_samples: int) -> dict | None:
@@ -58,10 +59,10 @@ def leading_crop_collate(batch: list, crop_samples: int) -> dict | None:
 def run(cfg: DictConfig, run_dir: Path) -> None:
     seed_everything(cfg)
     torch.set_float32_matmul_precision("high")
-    train_loader, val_loader = train_loaders(cfg)
+    train_loader, val_loader, speakers = train_loaders(cfg)
     module = CodecModule(
         model_cfg=config_dict(cfg.codec.model), loss_cfg=config_dict(cfg.codec.loss),
-        optim_cfg=config_dict(cfg.codec.optim), log_cfg=config_dict(cfg.codec.log),
+        optim_cfg=config_dict(cfg.codec.optim), log_cfg=config_dict(cfg.codec.log), speakers=speakers,
     )
     trainer = build_trainer(cfg, run_dir)
     fit(trainer, module, run_dir, train_dataloaders=train_loader, val_dataloaders=val_loader)

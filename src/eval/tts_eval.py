@@ -125,11 +125,18 @@ def encode_audio(codec: Codec, audio: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def decode_codes(codec: Codec, codes: torch.Tensor) -> np.ndarray:
+def decode_codes(codec: Codec, codes: torch.Tensor, voice_audio: np.ndarray | None = None) -> np.ndarray:
+    """codes [F] -> audio; a codec with a voice encoder decodes in the voice of `voice_audio` (the prompt's
+    reference clip), one without ignores it."""
     if not len(codes):
         return np.zeros(0, np.float32)
     device = codec.quantizer.levels.device
-    return codec.decode(codes[None].to(device))[0].float().cpu().numpy()
+    voice = None
+    if codec.has_voice:
+        if voice_audio is None:
+            raise ValueError("this codec decodes in a voice (voice_dim > 0): pass the reference clip")
+        voice = codec.voice(torch.from_numpy(voice_audio).float()[None].to(device))
+    return codec.decode(codes[None].to(device), voice)[0].float().cpu().numpy()
 
 
 def case_prompt(tok: SpeechTokenizer, codec: Codec, case: Case) -> np.ndarray:
@@ -158,7 +165,8 @@ def synthesize_cases(model: torch.nn.Module, tok: SpeechTokenizer, codec: Codec,
                                       length_cfg.seconds_per_text_token * rate))
         started = time.perf_counter()
         generation = generate_codes(model, tok, prompts, limits, sampling, spoken=spoken)
-        audios = [decode_codes(codec, codes) for codes in generation.codes]
+        audios = [decode_codes(codec, codes, case.reference_audio)
+                  for codes, case in zip(generation.codes, batch, strict=True)]
         seconds = time.perf_counter() - started
         total_samples = max(1, sum(len(audio) for audio in audios))
         for audio, codes, truncated in zip(audios, generation.codes, generation.truncated, strict=True):
@@ -314,8 +322,8 @@ def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges) -> 
         log.info("%s: %d sentences, voices from %s", name, len(cases), condition.reference_split)
         outputs = synthesize_cases(model, tok, codec, cases, sampling, eval_cfg.length,
                                    int(eval_cfg.batch_size))
-        resynthesized = [decode_codes(codec, torch.from_numpy(encode_audio(codec, case.audio)))
-                         for case in cases]
+        resynthesized = [decode_codes(codec, torch.from_numpy(encode_audio(codec, case.audio)),
+                                      case.reference_audio) for case in cases]
         records = judge_condition(cases, outputs, resynthesized, judges, sample_rate)
         rows = summarize_condition(records)
         report["conditions"][name] = rows

@@ -89,6 +89,7 @@ class SpeechRewards:
                              "codec has none (it trained with loss weight ctc 0): set "
                              "stage.rewards.weights.readability=0")
         self.length_cfg = length_cfg
+        self.references = references  # a codec with a voice encoder decodes in the reference's voice
         ids = list(references)
         embeddings = judges.speaker.embed([references[i] for i in ids], self.sample_rate)
         self.reference_embeddings = dict(zip(ids, embeddings, strict=True))
@@ -111,10 +112,10 @@ class SpeechRewards:
             return self._cache[1]
         audios: list[np.ndarray | None] = []
         codes: list[np.ndarray | None] = []
-        for ids, text in zip(completion_ids, texts, strict=True):
+        for ids, text, reference_id in zip(completion_ids, texts, reference_ids, strict=True):
             completion = parse_completion(ids, self.tok, self.max_frames(text))
-            audio = None if completion.codes is None else decode_codes(self.codec,
-                                                                       torch.from_numpy(completion.codes))
+            audio = None if completion.codes is None else decode_codes(
+                self.codec, torch.from_numpy(completion.codes), self.references[reference_id])
             reason = completion.invalid
             if audio is not None and len(audio) < MIN_VALID_SECONDS * self.sample_rate:
                 audio, reason = None, "empty"
