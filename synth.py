@@ -37,7 +37,7 @@ from voxlm.data.text import normalize_text
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes, stream_codes
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.sequences import tts_prompt
-from voxlm.speechlm.voices import Voice, encode_voice, load_voice, save_voice
+from voxlm.speechlm.voices import Voice, encode_voice, load_reference_audio, load_voice, save_voice
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "synth.yaml"
 FREE_TEXT_KEYS = ("text", "voice_text")
@@ -94,19 +94,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_voice(cfg: DictConfig, codec: Codec) -> Voice | None:
-    """The voice prompt: none, a saved voice (name or folder), or one encoded now from a recording."""
+def resolve_voice(cfg: DictConfig, codec: Codec) -> tuple[Voice | None, np.ndarray | None]:
+    """The voice prompt: none, a saved voice (name or folder), or one encoded now from a recording; with
+    the recording it was encoded from (None when a saved voice kept none)."""
     if cfg.voice is None:
         if cfg.voice_text:
             raise SynthError("voice_text is a reference recording's transcript: pass voice=path/to/ref.wav")
-        return None
+        return None, None
     path = Path(str(cfg.voice))
     if not path.is_file():
         if cfg.voice_text:
             log.warning("voice_text is ignored: the saved voice '%s' has its own transcript", cfg.voice)
         voice = load_voice(path, cfg.voices_dir)
         voice.check_codec(codec)
-        return voice
+        return voice, load_reference_audio(path, cfg.voices_dir, codec.sample_rate)
     transcript = normalize_text(cfg.voice_text or "")
     if not transcript:
         raise SynthError(f"voice={path} is a recording: pass voice_text=\"what it says\" as well")
@@ -115,7 +116,19 @@ def resolve_voice(cfg: DictConfig, codec: Codec) -> Voice | None:
     if cfg.save_voice:
         folder = save_voice(voice, cfg.voices_dir, audio)
         print(f"saved voice '{voice.name}' ({voice.duration:.2f} s) to {folder}")
-    return voice
+    return voice, audio
+
+
+def voice_vector(codec: Codec, reference_audio: np.ndarray | None, device: str) -> torch.Tensor | None:
+    """What a codec with a voice encoder decodes in: the voice of the reference recording; None for a codec
+    without one."""
+    if not codec.has_voice:
+        return None
+    if reference_audio is None:
+        raise SynthError("this codec decodes in a voice (voice_dim > 0) and needs the voice's recording: "
+                         "pass voice=ref.wav voice_text=\"its transcript\", or a saved voice that kept its "
+                         "reference.wav")
+    return codec.voice(torch.from_numpy(reference_audio).float()[None].to(device))
 
 
 @torch.no_grad()
@@ -126,7 +139,8 @@ def synthesize(cfg: DictConfig) -> Synthesis:
         raise SynthError("text is empty: pass text=\"what to say\"")
     device = resolve_device(cfg.device)
     codec = load_codec(cfg.codec, map_location=device)
-    voice = resolve_voice(cfg, codec)
+    voice, reference_audio = resolve_voice(cfg, codec)
+    decode_voice = voice_vector(codec, reference_audio, device)
     model, tok = load_speechlm(cfg.speechlm, codec.codebook_size, device, cfg.dtype)
 
     prompt = tts_prompt(tok, text, voice.text if voice else None, voice.codes if voice else None)
@@ -146,20 +160,21 @@ def synthesize(cfg: DictConfig) -> Synthesis:
     if cfg.stream:
         codes, truncated, audio, first_audio = stream_decode(
             codec, stream_codes(model, tok, [prompt], max_frames, sampling, list(cfg.stream_chunk_frames),
-                                spoken=spoken), device, start)
+                                spoken=spoken), device, start, decode_voice)
     else:
         generation = generate_codes(model, tok, [prompt], max_frames, sampling, spoken=spoken)
         codes, truncated, first_audio = generation.codes[0], generation.truncated[0], None
-        audio = codec.decode(codes[None].to(device))[0] if len(codes) else torch.zeros(0)
+        audio = codec.decode(codes[None].to(device), decode_voice)[0] if len(codes) else torch.zeros(0)
     seconds = time.perf_counter() - start
     return Synthesis(audio.float().cpu().numpy(), codec.sample_rate, codes.cpu(), truncated, max_frames,
                      seconds, first_audio)
 
 
-def stream_decode(codec: Codec, chunks, device: str,
-                  start: float) -> tuple[torch.Tensor, bool, torch.Tensor, float | None]:
-    """Decode one row's code chunks as they come: (codes, truncated, audio, seconds to first audio)."""
-    state, codes, pieces, truncated, first_audio = codec.init_stream(1), [], [], False, None
+def stream_decode(codec: Codec, chunks, device: str, start: float, voice: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, bool, torch.Tensor, float | None]:
+    """Decode one row's code chunks as they come (in `voice`, for a codec with a voice encoder): (codes,
+    truncated, audio, seconds to first audio)."""
+    state, codes, pieces, truncated, first_audio = codec.init_stream(1, voice), [], [], False, None
     for chunk in chunks:
         audio, state = codec.stream(chunk.codes[0][None].to(device), state)
         if first_audio is None and audio.shape[1]:

@@ -72,6 +72,19 @@ def random_codes(codec: Codec, batch: int, frames: int, seed: int) -> torch.Tens
     return torch.randint(0, codec.codebook_size, (batch, frames), generator=generator)
 
 
+def test_a_voice_codec_is_refused_before_compiling(codec: Codec, tmp_path: Path) -> None:
+    """The decoder graph takes codes only: a codec with a voice encoder would lose its voice, so export and
+    the PyTorch server refuse it and say which codec to use."""
+    from voxlm.serve.backends import torch_backend
+
+    voiced = Codec(**{**codec.config, "voice_dim": 8}).eval()
+    with pytest.raises(ValueError, match="export a codec trained with voice_dim 0"):
+        MaxCodecDecoder.from_codec(voiced)
+    torch.save({"config": voiced.config, "state_dict": voiced.state_dict()}, tmp_path / "codec.pt")
+    with pytest.raises(ValueError, match="serve a codec trained with voice_dim 0"):
+        torch_backend(tmp_path / "missing-speechlm", tmp_path / "codec.pt")
+
+
 def test_offline_decode_matches_pytorch(codec: Codec, decoder: MaxCodecDecoder) -> None:
     # 3 frames is shorter than the decoder's context (12 slots): the empty slots must act as zero padding.
     for frames in (57, 3):

@@ -630,6 +630,31 @@ def test_synthesize_errors(checkpoints: Path, reference_wav: Path, tmp_path: Pat
         run(voice_text="")
 
 
+def test_synthesize_with_a_voice_codec_decodes_in_the_reference_voice(
+        checkpoints: Path, reference_wav: Path, codec: Codec, tmp_path: Path) -> None:
+    """A codec with a voice encoder decodes in the voice of the prompt's recording: streamed as offline,
+    from the recording or from the voice saved with it; without a recording it says what to pass."""
+    torch.manual_seed(1)
+    voiced = Codec(**{**codec.config, "voice_dim": 8}).eval()
+    torch.save({"config": voiced.config, "state_dict": voiced.state_dict()}, tmp_path / "voiced.pt")
+
+    def run(**extra: str) -> synth.Synthesis:
+        settings = {"codec": tmp_path / "voiced.pt", "voices_dir": tmp_path / "voices", **extra}
+        return synth.synthesize(synth.compose_config(synth_overrides(checkpoints, reference_wav, **settings)))
+
+    offline, streamed = run(stream="false", save_voice="ref"), run(stream="true")
+    np.testing.assert_allclose(streamed.audio, offline.audio, atol=1e-5)
+    saved = run(voice="ref", voice_text="")
+    assert torch.equal(saved.codes, offline.codes)
+    np.testing.assert_allclose(saved.audio, offline.audio, atol=3e-3)  # the wav keeps 16 bits of the clip
+    expected = voiced.decode(offline.codes[None], voiced.voice(torch.from_numpy(
+        synth.load_reference_audio("ref", tmp_path / "voices", voiced.sample_rate))[None]))[0].numpy()
+    np.testing.assert_allclose(saved.audio, expected, atol=1e-5)
+    (tmp_path / "voices" / "ref" / "reference.wav").unlink()
+    with pytest.raises(synth.SynthError, match="needs the voice's recording"):
+        run(voice="ref", voice_text="")
+
+
 def test_quote_free_text_keeps_sentences_verbatim() -> None:
     text = "It's 5:30, isn't it? [yes] {no} ${x} a\\b end\\"
     cfg = synth.compose_config([f"text={text}", "voice_text='already quoted, kept'"])

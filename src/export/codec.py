@@ -76,6 +76,9 @@ class DecoderShape:
 
     @classmethod
     def from_codec(cls, codec: Codec) -> DecoderShape:
+        if codec.has_voice:
+            raise ValueError("this codec has a voice encoder (voice_dim > 0), and the MAX decoder graph "
+                             "takes codes only: export a codec trained with voice_dim 0")
         d = codec.decoder
         return cls(codec.codebook_size, len(codec.config["levels"]), codec.config["decoder_dim"],
                    codec.config["decoder_intermediate_dim"], d.num_layers, d.kernel_size, d.istft.n_fft,

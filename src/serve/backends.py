@@ -99,6 +99,9 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
                   voices_dir: str | Path | None = None, model_id: str | None = None) -> Backend:
     """The PyTorch reference: the HF SpeechLM and the codec as trained, the NumPy silence detector."""
     codec = load_codec(codec_path, map_location=device).eval()
+    if codec.has_voice:
+        raise ValueError(f"{codec_path} has a voice encoder (voice_dim > 0), and the server's streams decode "
+                         "codes only: serve a codec trained with voice_dim 0")
     model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype)
 
     def to_tensors(cache: DynamicCache) -> list[Tensor]:

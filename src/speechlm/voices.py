@@ -116,17 +116,30 @@ def save_voice(voice: Voice, voices_dir: str | Path, reference_audio: np.ndarray
     return voice.save(Path(voices_dir) / check_name(voice.name), reference_audio)
 
 
-def load_voice(reference: str | Path, voices_dir: str | Path) -> Voice:
-    """A voice by folder path or by name under voices_dir; the error lists the voices that exist."""
+def voice_folder(reference: str | Path, voices_dir: str | Path) -> Path:
+    """A voice's folder, by path or by name under voices_dir; the error lists the voices that exist."""
     path = Path(reference)
     if (path / META_FILE).is_file():
-        return Voice.load(path)
+        return path
     named = Path(voices_dir) / str(reference)
     if (named / META_FILE).is_file():
-        return Voice.load(named)
+        return named
     existing = list_voices(voices_dir)
     hint = f"voices in {voices_dir}: {', '.join(existing)}" if existing else (
         f"no voices saved in {voices_dir} yet")
     raise FileNotFoundError(
         f"no voice '{reference}' ({hint}); to clone a recording, pass voice=path/to/ref.wav "
         "voice_text=\"its transcript\"")
+
+
+def load_voice(reference: str | Path, voices_dir: str | Path) -> Voice:
+    """A voice by folder path or by name under voices_dir."""
+    return Voice.load(voice_folder(reference, voices_dir))
+
+
+def load_reference_audio(reference: str | Path, voices_dir: str | Path,
+                         sample_rate: int) -> np.ndarray | None:
+    """The recording a saved voice was encoded from, at `sample_rate`; None when it was saved without one.
+    A codec with a voice encoder (voice_dim > 0) decodes in the voice of this recording."""
+    path = voice_folder(reference, voices_dir) / REFERENCE_FILE
+    return load_audio(path, sample_rate)[0] if path.is_file() else None
