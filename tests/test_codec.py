@@ -24,6 +24,7 @@ from voxlm.codec.losses import CTCHead, SpeakerAdversary, latent_change
 from voxlm.codec.model import FSQ, ISTFT, STFT, Codec
 from voxlm.codec.module import CodecModule, load_codec, lr_factor
 from voxlm.codec.stage import save_codec
+from voxlm.eval.codec_eval import resynthesize
 from voxlm.eval.tts_eval import decode_codes
 
 SENTENCES = [
@@ -202,6 +203,11 @@ def test_voice_codec_decodes_in_the_voice_it_is_given(speech: list[torch.Tensor]
     np.testing.assert_allclose(audio, first[0].numpy(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="reference clip"):
         decode_codes(codec, codes[0])
+    # The codec's own evaluation decodes each clip in its own voice, streamed as offline.
+    resynthesized = resynthesize(codec, speech[0].numpy(), [4, 9])
+    np.testing.assert_allclose(resynthesized["streamed"], resynthesized["offline"], atol=1e-5)
+    own = codec.decode(codes, codec.voice(speech[0][None]))[0, : len(speech[0])].numpy()
+    np.testing.assert_allclose(resynthesized["offline"], own, atol=1e-5)
 
 
 def test_speaker_adversary_reverses_its_gradient_into_the_codes() -> None:

@@ -80,22 +80,25 @@ def split_clips(data_cfg: DictConfig, split: str, sample_rate: int, limit: int) 
 
 @torch.inference_mode()
 def resynthesize(codec: Codec, audio: np.ndarray, chunk_frames: list[int]) -> dict:
-    """Offline encode/decode, plus a streaming decode with the given chunk schedule, with timings."""
+    """Offline encode/decode, plus a streaming decode with the given chunk schedule, with timings. A codec
+    with a voice encoder decodes each clip in its own voice (its encoding counts in the encode time)."""
     waveform = torch.from_numpy(audio).float()[None]
     started = time.perf_counter()
     codes = codec.encode(waveform)
+    voice = codec.voice(waveform) if codec.has_voice else None
     encode_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    offline = codec.decode(codes)[0, : len(audio)].numpy()
+    offline = codec.decode(codes, voice)[0, : len(audio)].numpy()
     decode_seconds = time.perf_counter() - started
-    streamed = stream_decode(codec, codes, chunk_frames)[: len(audio)]
+    streamed = stream_decode(codec, codes, chunk_frames, voice)[: len(audio)]
     return {"codes": codes[0].numpy(), "offline": offline, "streamed": streamed,
             "encode_seconds": encode_seconds, "decode_seconds": decode_seconds}
 
 
-def stream_decode(codec: Codec, codes: torch.Tensor, chunk_frames: list[int]) -> np.ndarray:
+def stream_decode(codec: Codec, codes: torch.Tensor, chunk_frames: list[int],
+                  voice: torch.Tensor | None = None) -> np.ndarray:
     """Decode chunk by chunk the way the server does: the schedule's sizes, then its last size repeated."""
-    state = codec.init_stream(codes.shape[0])
+    state = codec.init_stream(codes.shape[0], voice)
     pieces, start, step = [], 0, 0
     while start < codes.shape[1]:
         size = chunk_frames[min(step, len(chunk_frames) - 1)]
