@@ -217,7 +217,7 @@ def test_speaker_adversary_reverses_its_gradient_into_the_codes() -> None:
     adversary = SpeakerAdversary(3, 8, 3, ["alice", "bob"])
     latents = torch.randn(2, 10, 3, requires_grad=True)
     lengths = torch.tensor([10, 6])
-    loss, accuracy = adversary(latents, lengths, ["alice", "bob"])
+    loss = adversary(latents, lengths, ["alice", "bob"])
     loss.backward()
     reversed_latents, reversed_head = latents.grad.clone(), adversary.head.weight.grad.clone()
     # The same cross-entropy computed without the reversal.
@@ -228,7 +228,7 @@ def test_speaker_adversary_reverses_its_gradient_into_the_codes() -> None:
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     torch.testing.assert_close(reversed_latents, -latents.grad)
     torch.testing.assert_close(reversed_head, adversary.head.weight.grad)
-    assert 0.0 <= float(accuracy) <= 1.0
+    assert float(adversary.last_accuracy) in (0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="not among the codec's training speakers"):
         adversary(latents, lengths, ["alice", "carol"])
 

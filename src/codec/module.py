@@ -59,7 +59,7 @@ class CodecModule(L.LightningModule):
     def __init__(self, model_cfg: dict, optim_cfg: dict, loss_cfg: dict, log_cfg: dict | None = None,
                  speakers: list[str] | None = None):
         super().__init__()
-        self.save_hyperparameters()  # the checkpoint rebuilds this module from these four dicts alone
+        self.save_hyperparameters()  # the checkpoint rebuilds this module from these arguments alone
         self.automatic_optimization = False
         self.model_cfg, self.optim_cfg, self.loss_cfg = model_cfg, optim_cfg, loss_cfg
         self.log_cfg = log_cfg or {"val_samples": 0}
@@ -159,8 +159,8 @@ class CodecModule(L.LightningModule):
             logs["train/loss_d"] = loss_d.detach()
 
         losses = self.generator_losses(batch, out, fake, real_features)
-        if "speaker_accuracy" in losses:  # logged, not a loss
-            logs["train/speaker_accuracy"] = losses.pop("speaker_accuracy")
+        if self.speaker_adversary is not None:
+            logs["train/speaker_accuracy"] = self.speaker_adversary.last_accuracy
         loss_g = sum(weights[name] * value for name, value in losses.items())
         g_ok = self.optimizer_step(opt_g, loss_g, self.generator_parameters(), self.optim_cfg["grad_clip"],
                                    counts_as_global_step=True)
@@ -209,7 +209,7 @@ class CodecModule(L.LightningModule):
             frames = self.codec.num_frames(batch["lengths"])
             losses["stability"] = latent_change(self.codec.quantizer.bound(out.latents), frames)
         if self.speaker_adversary is not None:
-            losses["speaker_adversary"], losses["speaker_accuracy"] = self.speaker_adversary(
+            losses["speaker_adversary"] = self.speaker_adversary(
                 out.quantized, self.codec.num_frames(batch["lengths"]), batch["speakers"])
         return losses
 
