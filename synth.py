@@ -37,7 +37,14 @@ from voxlm.data.text import normalize_text
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes, stream_codes
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.sequences import tts_prompt
-from voxlm.speechlm.voices import Voice, encode_voice, load_reference_audio, load_voice, save_voice
+from voxlm.speechlm.voices import (
+    Voice,
+    decoding_voice,
+    encode_voice,
+    load_reference_audio,
+    load_voice,
+    save_voice,
+)
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "synth.yaml"
 FREE_TEXT_KEYS = ("text", "voice_text")
@@ -119,18 +126,6 @@ def resolve_voice(cfg: DictConfig, codec: Codec) -> tuple[Voice | None, np.ndarr
     return voice, audio
 
 
-def voice_vector(codec: Codec, reference_audio: np.ndarray | None, device: str) -> torch.Tensor | None:
-    """What a codec with a voice encoder decodes in: the voice of the reference recording; None for a codec
-    without one."""
-    if not codec.has_voice:
-        return None
-    if reference_audio is None:
-        raise SynthError("this codec decodes in a voice (voice_dim > 0) and needs the voice's recording: "
-                         "pass voice=ref.wav voice_text=\"its transcript\", or a saved voice that kept its "
-                         "reference.wav")
-    return codec.voice(torch.from_numpy(reference_audio).float()[None].to(device))
-
-
 @torch.no_grad()
 def synthesize(cfg: DictConfig) -> Synthesis:
     """Everything but writing the file: load, build the prompt, sample codes, decode."""
@@ -140,7 +135,7 @@ def synthesize(cfg: DictConfig) -> Synthesis:
     device = resolve_device(cfg.device)
     codec = load_codec(cfg.codec, map_location=device)
     voice, reference_audio = resolve_voice(cfg, codec)
-    decode_voice = voice_vector(codec, reference_audio, device)
+    decode_voice = decoding_voice(codec, reference_audio)
     model, tok = load_speechlm(cfg.speechlm, codec.codebook_size, device, cfg.dtype)
 
     prompt = tts_prompt(tok, text, voice.text if voice else None, voice.codes if voice else None)

@@ -35,6 +35,7 @@ from voxlm.eval.report import markdown_table, write_json
 from voxlm.eval.tts_eval import build_cases, case_prompt, decode_codes, encode_audio
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
 from voxlm.speechlm.model import load_speechlm
+from voxlm.speechlm.voices import decoding_voice
 
 log = logging.getLogger("given_timing")
 WAYS = ("ground_truth", "free", "given_timing", "teacher_forced", "teacher_forced_shuffled")
@@ -83,8 +84,9 @@ def main(cfg: DictConfig) -> None:
                 codes[f"teacher_forced_mixed_{share:g}"] = torch.from_numpy(
                     mix_codes(truth, codes["teacher_forced"].numpy(), share, draws))
             texts.append(case.text)
+            voice = decoding_voice(codec, case.reference_audio)  # one voice for every way of saying it
             for way, said in codes.items():
-                audio = decode_codes(codec, said, case.reference_audio)
+                audio = decode_codes(codec, said, voice)
                 results[way]["hypotheses"].append(judge.transcribe_one(audio, codec.sample_rate))
                 results[way]["cer"].append(character_error(head, codec.quantizer, said.numpy(), text))
                 results[way]["duration"].append(len(said) / len(truth))

@@ -651,7 +651,7 @@ def test_synthesize_with_a_voice_codec_decodes_in_the_reference_voice(
         synth.load_reference_audio("ref", tmp_path / "voices", voiced.sample_rate))[None]))[0].numpy()
     np.testing.assert_allclose(saved.audio, expected, atol=1e-5)
     (tmp_path / "voices" / "ref" / "reference.wav").unlink()
-    with pytest.raises(synth.SynthError, match="needs the voice's recording"):
+    with pytest.raises(ValueError, match="needs the voice's recording"):
         run(voice="ref", voice_text="")
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from voxlm.codec.model import frame_mask
+
 
 class MultiScaleMelLoss(nn.Module):
     """Mean over scales of the L1 distance between log-mel spectrograms: short windows judge timing, long
@@ -162,7 +164,7 @@ class SpeakerAdversary(nn.Module):
         if unknown:
             raise ValueError(f"speakers {unknown} are not among the codec's training speakers")
         x = self.net(ReverseGradient.apply(latents).transpose(1, 2))  # [B, dim, F]
-        mask = (torch.arange(x.shape[-1], device=x.device) < frame_lengths[:, None]).unsqueeze(1).to(x.dtype)
+        mask = frame_mask(frame_lengths, x.shape[-1]).to(x.dtype)
         logits = self.head((x * mask).sum(-1) / mask.sum(-1).clamp(min=1))
         targets = torch.tensor([self.speaker_to_id[s] for s in speakers], device=latents.device)
         self.last_accuracy = (logits.argmax(-1) == targets).float().mean().detach()

@@ -56,6 +56,12 @@ class STFT(nn.Module):
         padded = F.pad(audio.unsqueeze(1), (0, self.n_fft - self.hop_length))
         return F.conv1d(padded, self.basis, stride=self.hop_length).chunk(2, dim=1)
 
+    def log_magnitude(self, audio: Tensor) -> Tensor:
+        """audio [B, F * hop] -> natural-log magnitude [B, n_fft // 2 + 1, F]. Speech spans ~100 dB, a range
+        convolutions only handle on a log scale."""
+        real, imag = self(audio)
+        return 0.5 * torch.log((real**2 + imag**2).clamp(min=1e-10))
+
 
 class ISTFT(nn.Module):
     """Inverse STFT from export-friendly ops: a matmul with a fixed inverse-DFT basis, then overlap-add.
@@ -119,6 +125,11 @@ class ConvNeXtBlock(nn.Module):
         return residual + (self.gamma * x).transpose(1, 2)
 
 
+def frame_mask(frames: Tensor, num_frames: int) -> Tensor:
+    """Each clip's length in frames [B] -> [B, 1, num_frames] float: 1 on its frames, 0 on padding."""
+    return (torch.arange(num_frames, device=frames.device) < frames[:, None]).unsqueeze(1).float()
+
+
 def channel_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     """LayerNorm over the channels of a [B, C, F] tensor."""
     return norm(x.transpose(1, 2)).transpose(1, 2)
@@ -146,12 +157,10 @@ class Encoder(nn.Module):
     def forward(self, audio: Tensor, frames: Tensor | None = None) -> Tensor:
         """frames [B]: each clip's true length in frames, for batches padded to the longest clip. Frames
         past it are zeroed before every convolution, so a clip encodes the same alone or in any batch."""
-        real, imag = self.stft(audio)
-        mask = None if frames is None else (
-            torch.arange(real.shape[-1], device=audio.device) < frames[:, None]).unsqueeze(1).to(real.dtype)
+        x = self.stft.log_magnitude(audio)
+        mask = None if frames is None else frame_mask(frames, x.shape[-1]).to(x.dtype)
         masked = (lambda t: t) if mask is None else (lambda t: t * mask)
-        # Log magnitude: speech spans ~100 dB, a range convolutions only handle on a log scale.
-        x = masked(0.5 * torch.log((real**2 + imag**2).clamp(min=1e-10)))
+        x = masked(x)
         x = masked(channel_norm(self.norm, self.embed(x)))
         for block in self.blocks:
             x = masked(block(x))
@@ -179,12 +188,11 @@ class VoiceEncoder(nn.Module):
         """frames [B]: each clip's true length in frames, for batches padded to the longest clip. As in the
         Encoder, frames past it are zeroed before every convolution and left out of the statistics, so a
         clip gives the same voice alone or in any batch."""
-        real, imag = self.stft(audio)
+        x = self.stft.log_magnitude(audio)
         if frames is None:
-            frames = torch.full((real.shape[0],), real.shape[-1], device=audio.device)
-        positions = torch.arange(real.shape[-1], device=audio.device)
-        mask = (positions < frames[:, None]).unsqueeze(1).to(real.dtype)
-        x = self.embed(mask * 0.5 * torch.log((real**2 + imag**2).clamp(min=1e-10))) * mask
+            frames = torch.full((x.shape[0],), x.shape[-1], device=audio.device)
+        mask = frame_mask(frames, x.shape[-1]).to(x.dtype)
+        x = self.embed(x * mask) * mask
         for block in self.blocks:
             x = block(x) * mask
         count = mask.sum(-1).clamp(min=1)
@@ -275,10 +283,11 @@ class Decoder(nn.Module):
                              if voice is None else "this decoder has no voice input (voice_dim is 0)")
         x = self.embed(F.pad(latents.transpose(1, 2), (self.kernel_size - 1, 0)))
         x = channel_norm(self.norm, x)
-        shifts = ([None] * len(self.blocks) if voice is None
-                  else self.voice_proj(voice).chunk(len(self.blocks), dim=-1))
-        for block, shift in zip(self.blocks, shifts, strict=True):
-            x = block(x if shift is None else x + shift[..., None])
+        shifts = None if voice is None else self.voice_proj(voice).chunk(len(self.blocks), dim=-1)
+        for i, block in enumerate(self.blocks):
+            if shifts is not None:
+                x = x + shifts[i][..., None]
+            x = block(x)
         log_magnitude, phase = self.head(self.final_norm(x.transpose(1, 2))).chunk(2, dim=-1)
         magnitude = torch.exp(log_magnitude.clamp(max=self.max_log_magnitude))
         return self.istft.frames(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
@@ -294,7 +303,6 @@ class CodecOutput:
     codes: Tensor  # LongTensor [B, F]
     latents: Tensor  # normalized pre-quantization latents [B, F, D]
     quantized: Tensor  # quantized latents [B, F, D] in [-1, 1], what the decoder reads
-    voice: Tensor | None = None  # [B, voice_dim], the clip's own voice, when the codec has a voice encoder
 
 
 @dataclass
@@ -374,7 +382,7 @@ class Codec(nn.Module):
         if self.voice_encoder is not None:
             voice = self.voice_encoder(padded, None if lengths is None else self.num_frames(lengths))
         reconstruction = self.decoder(quantized, voice)[:, : audio.shape[-1]]
-        return CodecOutput(reconstruction, codes, latents, quantized, voice)
+        return CodecOutput(reconstruction, codes, latents, quantized)
 
     def num_frames(self, lengths: Tensor) -> Tensor:
         """Clip lengths in samples (LongTensor) -> how many codes each encodes to: ceil(length / hop)."""

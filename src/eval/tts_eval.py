@@ -43,6 +43,7 @@ from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes
 from voxlm.speechlm.model import load_speechlm
 from voxlm.speechlm.sequences import tts_prompt
 from voxlm.speechlm.tokenizer import SpeechTokenizer
+from voxlm.speechlm.voices import decoding_voice
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +126,12 @@ def encode_audio(codec: Codec, audio: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def decode_codes(codec: Codec, codes: torch.Tensor, voice_audio: np.ndarray | None = None) -> np.ndarray:
-    """codes [F] -> audio; a codec with a voice encoder decodes in the voice of `voice_audio` (the prompt's
-    reference clip), one without ignores it."""
+def decode_codes(codec: Codec, codes: torch.Tensor, voice: torch.Tensor | None = None) -> np.ndarray:
+    """codes [F] -> audio, in `voice` (voxlm.speechlm.voices.decoding_voice) for a codec with a voice
+    encoder."""
     if not len(codes):
         return np.zeros(0, np.float32)
     device = codec.quantizer.levels.device
-    voice = None
-    if codec.has_voice:
-        if voice_audio is None:
-            raise ValueError("this codec decodes in a voice (voice_dim > 0): pass the reference clip")
-        voice = codec.voice(torch.from_numpy(voice_audio).float()[None].to(device))
     return codec.decode(codes[None].to(device), voice)[0].float().cpu().numpy()
 
 
@@ -165,7 +161,7 @@ def synthesize_cases(model: torch.nn.Module, tok: SpeechTokenizer, codec: Codec,
                                       length_cfg.seconds_per_text_token * rate))
         started = time.perf_counter()
         generation = generate_codes(model, tok, prompts, limits, sampling, spoken=spoken)
-        audios = [decode_codes(codec, codes, case.reference_audio)
+        audios = [decode_codes(codec, codes, decoding_voice(codec, case.reference_audio))
                   for codes, case in zip(generation.codes, batch, strict=True)]
         seconds = time.perf_counter() - started
         total_samples = max(1, sum(len(audio) for audio in audios))
@@ -323,7 +319,7 @@ def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges) -> 
         outputs = synthesize_cases(model, tok, codec, cases, sampling, eval_cfg.length,
                                    int(eval_cfg.batch_size))
         resynthesized = [decode_codes(codec, torch.from_numpy(encode_audio(codec, case.audio)),
-                                      case.reference_audio) for case in cases]
+                                      decoding_voice(codec, case.reference_audio)) for case in cases]
         records = judge_condition(cases, outputs, resynthesized, judges, sample_rate)
         rows = summarize_condition(records)
         report["conditions"][name] = rows

@@ -40,6 +40,7 @@ from voxlm.eval.asr import utterance_wers
 from voxlm.eval.tts_eval import Judges, decode_codes
 from voxlm.speechlm.generate import frame_limit
 from voxlm.speechlm.tokenizer import SpeechTokenizer
+from voxlm.speechlm.voices import decoding_voice
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class SpeechRewards:
                              "codec has none (it trained with loss weight ctc 0): set "
                              "stage.rewards.weights.readability=0")
         self.length_cfg = length_cfg
-        self.references = references  # a codec with a voice encoder decodes in the reference's voice
+        # A codec with a voice encoder decodes each completion in its reference's voice: computed once here.
+        self.decoding_voices = {i: decoding_voice(codec, audio) for i, audio in references.items()}
         ids = list(references)
         embeddings = judges.speaker.embed([references[i] for i in ids], self.sample_rate)
         self.reference_embeddings = dict(zip(ids, embeddings, strict=True))
@@ -115,7 +117,7 @@ class SpeechRewards:
         for ids, text, reference_id in zip(completion_ids, texts, reference_ids, strict=True):
             completion = parse_completion(ids, self.tok, self.max_frames(text))
             audio = None if completion.codes is None else decode_codes(
-                self.codec, torch.from_numpy(completion.codes), self.references[reference_id])
+                self.codec, torch.from_numpy(completion.codes), self.decoding_voices[reference_id])
             reason = completion.invalid
             if audio is not None and len(audio) < MIN_VALID_SECONDS * self.sample_rate:
                 audio, reason = None, "empty"

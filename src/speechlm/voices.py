@@ -137,6 +137,21 @@ def load_voice(reference: str | Path, voices_dir: str | Path) -> Voice:
     return Voice.load(voice_folder(reference, voices_dir))
 
 
+@torch.no_grad()
+def decoding_voice(codec: Codec, reference_audio: np.ndarray | None) -> torch.Tensor | None:
+    """What a codec decodes a voice prompt's speech in: for a codec with a voice encoder (voice_dim > 0), the
+    voice [1, voice_dim] of the prompt's reference recording (preprocessed, at the codec's rate); None for a
+    codec without one, which decodes codes alone."""
+    if not codec.has_voice:
+        return None
+    if reference_audio is None:
+        raise ValueError("this codec decodes in a voice (voice_dim > 0) and needs the voice's recording, the "
+                         "prompt's reference clip: pass voice=ref.wav with its voice_text, or a saved voice "
+                         "that kept its reference.wav")
+    device = codec.quantizer.levels.device
+    return codec.voice(torch.from_numpy(reference_audio).float()[None].to(device))
+
+
 def load_reference_audio(reference: str | Path, voices_dir: str | Path,
                          sample_rate: int) -> np.ndarray | None:
     """The recording a saved voice was encoded from, at `sample_rate`; None when it was saved without one.
