@@ -3,9 +3,10 @@ BatchNorm running statistics moved away from (0, 1), as after training, so that 
 flite speech for the encoder.
 
 Decode: offline and streamed (several chunk schedules, batch > 1) against PyTorch's offline decode.
-Encode: codes equal PyTorch's on real speech, alone and in a zero-padded batch of unequal clips. The graphs
-are compiled once per process and shared by every test here (cold: ~1.5 min each on 2 cores, hence `slow`;
-MAX's on-disk cache makes later runs take seconds).
+Encode: codes equal PyTorch's on real speech, alone and in a zero-padded batch of unequal clips. A codec
+with a voice encoder: its voice graph gives PyTorch's voice vectors, and its decoder graph decodes in them.
+The graphs are compiled once per process and shared by every test here (cold: ~1.5 min each on 2 cores,
+hence `slow`; MAX's on-disk cache makes later runs take seconds).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def encoder(codec: Codec) -> MaxCodecEncoder:
 
 
 @pytest.fixture(scope="module")
+def voiced_codec(codec: Codec) -> Codec:
+    """The tiny codec with a voice encoder (voice_dim 8), its voice projection scaled up so that the voice
+    changes the audio as much as a trained one does (untrained, it starts near zero)."""
+    torch.manual_seed(1)
+    voiced = Codec(**{**codec.config, "voice_dim": 8})
+    voiced.load_state_dict(codec.state_dict(), strict=False)
+    with torch.no_grad():
+        voiced.decoder.voice_proj.weight.normal_(0, 0.5)
+        voiced.decoder.voice_proj.bias.normal_(0, 0.5)
+    return voiced.eval()
+
+
+@pytest.fixture(scope="module")
 def slt_speech(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     """Two flite slt sentences at 16 kHz (~3-4 s each)."""
     folder = tmp_path_factory.mktemp("slt")
@@ -70,19 +84,6 @@ def slt_speech(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
 def random_codes(codec: Codec, batch: int, frames: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, codec.codebook_size, (batch, frames), generator=generator)
-
-
-def test_a_voice_codec_is_refused_before_compiling(codec: Codec, tmp_path: Path) -> None:
-    """The decoder graph takes codes only: a codec with a voice encoder would lose its voice, so export and
-    the PyTorch server refuse it and say which codec to use."""
-    from voxlm.serve.backends import torch_backend
-
-    voiced = Codec(**{**codec.config, "voice_dim": 8}).eval()
-    with pytest.raises(ValueError, match="export a codec trained with voice_dim 0"):
-        MaxCodecDecoder.from_codec(voiced)
-    torch.save({"config": voiced.config, "state_dict": voiced.state_dict()}, tmp_path / "codec.pt")
-    with pytest.raises(ValueError, match="serve a codec trained with voice_dim 0"):
-        torch_backend(tmp_path / "missing-speechlm", tmp_path / "codec.pt")
 
 
 def test_offline_decode_matches_pytorch(codec: Codec, decoder: MaxCodecDecoder) -> None:
@@ -149,3 +150,44 @@ def test_encoder_batch_of_unequal_clips(codec: Codec, encoder: MaxCodecEncoder,
     alone = encoder.encode(torch.from_numpy(short)[None])
     assert alone.shape == codec.encode(torch.from_numpy(short)[None]).shape == (1, frames)
     assert (exported[0, :frames] == alone[0]).float().mean() >= 0.99
+
+
+def test_a_voice_codec_runs_on_max_as_in_pytorch(voiced_codec: Codec, slt_speech: list[np.ndarray]) -> None:
+    """The voice graph gives PyTorch's voice vectors for real speech, alone and in a zero-padded batch; the
+    decoder graph decodes in them, offline and streamed (a PyTorch stream continues on MAX, its voice with
+    it), and refuses to decode without one."""
+    decoder, encoder = MaxCodecDecoder.from_codec(voiced_codec), MaxCodecEncoder.from_codec(voiced_codec)
+    assert decoder.has_voice and encoder.has_voice
+    lengths = torch.tensor([len(a) for a in slt_speech])
+    batch = torch.zeros(2, int(lengths.max()))
+    for row, audio in enumerate(slt_speech):
+        batch[row, : len(audio)] = torch.from_numpy(audio)
+    with torch.no_grad():
+        reference = voiced_codec.voice(batch, lengths)
+    exported = encoder.voice(batch, lengths)
+    assert exported.shape == (2, 8)
+    for row, audio in enumerate(slt_speech):
+        assert snr_db(reference[row].numpy(), exported[row].numpy()) >= MIN_SNR_DB
+        alone = encoder.voice(torch.from_numpy(audio)[None])[0].numpy()
+        assert snr_db(reference[row].numpy(), alone) >= MIN_SNR_DB
+
+    codes = voiced_codec.encode(torch.from_numpy(slt_speech[0])[None])
+    other = reference[:1].flip(-1)  # both clips are slt's: a voice far from theirs
+    with torch.no_grad():
+        offline = voiced_codec.decode(codes, reference[:1]).numpy()
+        in_other = voiced_codec.decode(codes, other).numpy()
+    assert snr_db(offline[0], in_other[0]) < 20  # the voice changes the audio (the test can fail)
+    assert snr_db(offline[0], decoder.decode(codes, reference[:1])[0].numpy()) >= MIN_SNR_DB
+    assert snr_db(in_other[0], decoder.decode(codes, other)[0].numpy()) >= MIN_SNR_DB
+    streamed = stream_in_chunks(decoder, codes, [10, 25, 50], reference[:1])
+    assert snr_db(offline[0], streamed) >= MIN_SNR_DB
+    audio, state = voiced_codec.stream(codes[:, :20], voiced_codec.init_stream(1, reference[:1]))
+    pieces = [audio.numpy()]
+    for start in range(20, codes.shape[1], 15):
+        audio, state = decoder.stream(codes[:, start: start + 15], state)
+        pieces.append(audio.numpy())
+    assert snr_db(offline[0], np.concatenate(pieces, axis=1)[0]) >= MIN_SNR_DB
+    with pytest.raises(ValueError, match="needs a voice"):
+        decoder.decode(codes)
+    with pytest.raises(ValueError, match=r"expected \(1, 8\)"):
+        decoder.init_stream(1, reference)

@@ -18,15 +18,19 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import GREEDY, SENTENCE_A, RunningServer, load_script, start_server
+import torch
+from conftest import GREEDY, SENTENCE_A, RunningServer, export, load_script, start_server
 
+from voxlm.codec.model import Codec
+from voxlm.codec.module import load_codec
 from voxlm.export.kernels import silence_trim_reference
+from voxlm.serve.app import VoiceBook
 from voxlm.serve.backends import max_backend
 from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, Row, SpeechRequest
 from voxlm.serve.formats import SpeedChanger, available_formats, wav_header
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.sequences import tts_prompt
-from voxlm.speechlm.voices import Voice
+from voxlm.speechlm.voices import Voice, load_reference_audio
 
 TEXT = "The little boat drifted across the lake."
 
@@ -49,10 +53,10 @@ def wait_until_idle(server: RunningServer, seconds: float = 20) -> None:
 
 # ---- the engine, without HTTP ----
 
-def run_engine(engine: Engine, prompts: list[np.ndarray], max_frames: int,
-               steps_apart: int = 0) -> list[list[object]]:
-    """Submit prompt i once the engine has taken i * steps_apart decode steps (0: all at once); every
-    request's events once all are done."""
+def run_engine(engine: Engine, prompts: list[np.ndarray], max_frames: int, steps_apart: int = 0,
+               voices: list[torch.Tensor] | None = None) -> list[list[object]]:
+    """Submit prompt i (decoded in voices[i], for a codec with a voice encoder) once the engine has taken
+    i * steps_apart decode steps (0: all at once); every request's events once all are done."""
     events: list[list[object]] = [[] for _ in prompts]
     done = threading.Semaphore(0)
 
@@ -68,7 +72,8 @@ def run_engine(engine: Engine, prompts: list[np.ndarray], max_frames: int,
         while engine.steps < i * steps_apart:
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        engine.submit(SpeechRequest(prompt, max_frames, sink_for(i), time.monotonic() + 120, id=str(i)))
+        engine.submit(SpeechRequest(prompt, max_frames, sink_for(i), time.monotonic() + 120, id=str(i),
+                                    voice=None if voices is None else voices[i]))
     for _ in prompts:
         assert done.acquire(timeout=120)
     return events
@@ -458,3 +463,75 @@ def test_a_stream_cut_by_its_deadline_does_not_end_cleanly(artifact_dir: Path, t
         wait_until_idle(server)
     finally:
         server.stop()
+
+
+def test_a_voice_codec_is_exported_and_served_in_each_voice(workspace: Path, tiny_corpus: Path,
+                                                            sft_runs: dict[str, Path], tiny_voices: Path,
+                                                            tmp_path: Path) -> None:
+    """A codec with a voice encoder (the tiny codec plus an untrained voice encoder, voice_dim 8) passes the
+    parity gate with its voice graph checked; the engine decodes each stream in its request's voice, as
+    offline decoding does; the server computes a voice's vector from its reference.wav (a voice saved
+    without one is not served), and the MAX and PyTorch servers speak alike."""
+    torch.manual_seed(0)
+    plain = load_codec(workspace / "runs/codec/tiny")
+    voiced = Codec(**{**plain.config, "voice_dim": 8})
+    voiced.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():  # an untrained projection starts near zero: scale it so that the voice is heard
+        voiced.decoder.voice_proj.weight.normal_(0, 0.5)
+    voiced.eval()
+    codec_run = tmp_path / "codec-voice"
+    codec_run.mkdir()
+    torch.save({"config": voiced.config, "state_dict": voiced.state_dict()}, codec_run / "codec.pt")
+    out = tmp_path / "artifact"
+    result = export(workspace, tiny_corpus, f"speechlm={sft_runs['full']}", f"codec={codec_run}",
+                    f"out={out}", f"voices_dir={tiny_voices}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = {c["metric"]: c for c in json.loads((out / "parity.json").read_text())["checks"]}
+    assert checks["voice_snr_db_min"]["passed"] and checks["voice_snr_db_min"]["value"] >= 50
+
+    names = sorted(p.name for p in tiny_voices.iterdir())[:2]
+    references = [load_reference_audio(name, tiny_voices, voiced.sample_rate) for name in names]
+    with torch.no_grad():
+        vectors = [voiced.voice(torch.from_numpy(audio)[None]) for audio in references]
+    backend = max_backend(out)
+    book = VoiceBook(backend.voices_dirs, tmp_path / "served-voices", backend)
+    for name, vector in zip(names, vectors, strict=True):
+        served = book.lookup(name)[1]
+        assert served is not None and torch.allclose(served, vector, atol=1e-4), name
+
+    sampling = SamplingConfig(do_sample=False, repetition_window=8)
+    engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5, 8), min_seconds=0),
+                    sampling)
+    engine.start()
+    try:
+        voices = [Voice.load(tiny_voices / name) for name in names]
+        prompts = [tts_prompt(backend.tokenizer, "Hello there.", v.text, v.codes) for v in voices]
+        events = run_engine(engine, prompts, max_frames=40, voices=vectors)
+        for prompt, vector, got in zip(prompts, vectors, events, strict=True):
+            codes = generate_codes(backend.model, backend.tokenizer, [prompt], 40, sampling).codes[0]
+            assert len(codes) > 0 and isinstance(got[-1], Done)
+            with torch.no_grad():
+                expected = voiced.decode(torch.as_tensor(codes)[None], vector)[0].numpy()
+                elsewhere = voiced.decode(torch.as_tensor(codes)[None], -vector)[0].numpy()
+            np.testing.assert_allclose(joined(got), expected, atol=1e-4)
+            assert np.abs(expected - elsewhere).max() > 1e-2  # another voice would sound otherwise
+    finally:
+        engine.stop()
+
+    bare = tmp_path / "bare-voices" / "no-reference"  # a voice kept without its recording
+    bare.mkdir(parents=True)
+    for file in ("voice.json", "codes.npy"):
+        (bare / file).write_bytes((tiny_voices / names[0] / file).read_bytes())
+    assert "no-reference" not in VoiceBook([bare.parent], tmp_path / "served-voices", backend).names()
+
+    max_server = start_server(f"artifact={out}", f"api.voices_dir={tiny_voices}", *GREEDY)
+    torch_server = start_server("backend=torch", f"checkpoint={sft_runs['full']}", f"codec={codec_run}",
+                                f"api.voices_dir={tiny_voices}", *GREEDY)
+    try:
+        ours, theirs = (np.frombuffer(speak(server.url, voice=names[0], response_format="pcm").content, "<i2")
+                        for server in (max_server, torch_server))
+        assert len(ours) == len(theirs) > 0
+        assert np.abs(ours.astype(np.int32) - theirs).max() <= 2  # 16-bit rounding of float32 differences
+    finally:
+        max_server.stop()
+        torch_server.stop()

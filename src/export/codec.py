@@ -1,5 +1,6 @@
 """The neural audio codec (voxlm.codec.model.Codec) as Modular MAX graphs: a streaming decoder for the server
-and an encoder for voice prompts, with runtime classes that stand in for the PyTorch Codec.
+and an encoder for voice prompts (and, for a codec with a voice encoder, a voice graph), with runtime classes
+that stand in for the PyTorch Codec.
 
 Decoder graph (one compiled graph serves offline decode and every streaming chunk):
 
@@ -26,6 +27,14 @@ Decoder graph (one compiled graph serves offline decode and every streaming chun
   (n_fft - hop samples) to the start with one NumPy add, emits the first N * hop samples and keeps the rest
   as the next tail: the same bookkeeping as Codec.stream, and the state is the same `StreamState`.
 
+A codec with a voice encoder (voice_dim > 0) gets a decoder graph with one more input, voice [B, voice_dim]:
+its projection (voice_proj) is added to each block's input, as Decoder.frames does. The voice rides in the
+StreamState, as in Codec.stream.
+
+Voice graph (voice_dim > 0): audio blocks [B, F, hop], valid [B, F] -> voice [B, voice_dim]: the encoder's
+STFT, non-causal ConvNeXt with the invalid frames zeroed before every conv, then the mean and standard
+deviation of the valid frames, a projection and a LayerNorm (voxlm.codec.model.VoiceEncoder).
+
 Encoder graph: audio as hop-sized blocks [B, F, hop] (the runtime zero-pads to a multiple of hop, as
 Codec.encode does), valid [B, F] float32 (for batches of unequal clips, like Codec.encode's `lengths`)
 -> codes [B, F] int64. The STFT is framing by shifted slices + one matmul with the windowed DFT basis; the
@@ -43,7 +52,7 @@ Checked on CPU in float32 (tests/test_export_codec.py); device="gpu" is wired bu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -73,16 +82,14 @@ class DecoderShape:
     hop_length: int
     max_log_magnitude: float
     eps: float  # the LayerNorms'
+    voice_dim: int = 0  # > 0: the graph also takes the voice [B, voice_dim] it decodes in
 
     @classmethod
     def from_codec(cls, codec: Codec) -> DecoderShape:
-        if codec.has_voice:
-            raise ValueError("this codec has a voice encoder (voice_dim > 0), and the MAX decoder graph "
-                             "takes codes only: export a codec trained with voice_dim 0")
         d = codec.decoder
         return cls(codec.codebook_size, len(codec.config["levels"]), codec.config["decoder_dim"],
                    codec.config["decoder_intermediate_dim"], d.num_layers, d.kernel_size, d.istft.n_fft,
-                   d.istft.hop_length, d.max_log_magnitude, d.norm.eps)
+                   d.istft.hop_length, d.max_log_magnitude, d.norm.eps, int(codec.config.get("voice_dim", 0)))
 
     @property
     def context(self) -> int:
@@ -113,9 +120,25 @@ class EncoderShape:
                    c["encoder_layers"], c["kernel_size"], tuple(c["levels"]), e.norm.eps)
 
 
-def graph_name(kind: str, shape: DecoderShape | EncoderShape) -> str:
-    # MAX matches precompiled graphs by name + signature: the name must change with anything baked in.
-    return f"codec_{kind}_{hashlib.sha1(repr(shape).encode()).hexdigest()[:12]}"
+@dataclass(frozen=True)
+class VoiceEncoderShape:
+    convnext: EncoderShape  # the STFT and ConvNeXt sizes, as the encoder's but with the voice encoder's depth
+    voice_dim: int
+
+    @classmethod
+    def from_codec(cls, codec: Codec) -> VoiceEncoderShape:
+        if not codec.has_voice:
+            raise ValueError("this codec has no voice encoder (voice_dim is 0): it decodes codes alone")
+        convnext = replace(EncoderShape.from_codec(codec), num_layers=codec.config["voice_encoder_layers"])
+        return cls(convnext, codec.config["voice_dim"])
+
+
+def graph_name(kind: str, shape: DecoderShape | EncoderShape | VoiceEncoderShape) -> str:
+    # MAX matches precompiled graphs by name + signature: the name must change with anything baked in. A
+    # decoder without a voice keeps the name it had before DecoderShape had voice_dim, so that artifacts
+    # exported then still load their precompiled graphs.
+    baked = repr(shape).replace(", voice_dim=0)", ")")
+    return f"codec_{kind}_{hashlib.sha1(baked.encode()).hexdigest()[:12]}"
 
 
 # --- shared pieces ------------------------------------------------------------------------------------------
@@ -209,15 +232,24 @@ class _Runner:
 # --- decoder ------------------------------------------------------------------------------------------------
 
 def build_decoder_graph(s: DecoderShape, device: DeviceRef | None = None) -> Graph:
-    """codes [B, C + N] int64, valid [B, C + N] float32 -> overlap-added blocks [B, (N + P - 1) * hop]."""
+    """codes [B, C + N] int64, valid [B, C + N] float32 (and voice [B, voice_dim] float32 when
+    s.voice_dim > 0) -> overlap-added blocks [B, (N + P - 1) * hop]."""
     device = device or DeviceRef.CPU()
     k, C = s.kernel_size, s.context
     input_types = [TensorType(DType.int64, ["batch", "slots"], device=device),
                    TensorType(DType.float32, ["batch", "slots"], device=device)]
+    if s.voice_dim:
+        input_types.append(TensorType(DType.float32, ["batch", s.voice_dim], device=device))
     with Graph(graph_name("decoder", s), input_types=input_types) as graph:
         weight = WeightFn(graph, device)
-        codes, valid = (value.tensor for value in graph.inputs)
+        codes, valid, *voice = (value.tensor for value in graph.inputs)
         valid = ops.unsqueeze(valid, -1)                                           # [B, T, 1]
+        shifts = None
+        if s.voice_dim:
+            # Each block's input is shifted by its own projection of the voice (Decoder.frames).
+            shifts = voice[0] @ weight("voice_proj.weight", s.voice_dim, s.num_layers * s.dim) + weight(
+                "voice_proj.bias", s.num_layers * s.dim)
+            shifts = ops.unsqueeze(shifts, 1)                                      # [B, 1, L * dim]
         # Slot p of every intermediate is frame p of the input; after the embed and each block the first
         # k - 1 remaining slots are consumed, so `offset` tracks which input slot an intermediate starts at.
         latents = ops.gather(weight("codebook", s.codebook_size, s.latent_dim), codes, axis=0) * valid
@@ -226,6 +258,8 @@ def build_decoder_graph(s: DecoderShape, device: DeviceRef | None = None) -> Gra
         x = ops.layer_norm(x, weight("norm.weight", s.dim), weight("norm.bias", s.dim), s.eps)
         offset = k - 1
         for i in range(s.num_layers):
+            if shifts is not None:
+                x = x + shifts[:, :, i * s.dim: (i + 1) * s.dim]
             # Zeroing the slots without a code reproduces PyTorch's left zero padding of this conv's input.
             x = convnext(x[:, k - 1:], x * valid[:, offset:], weight, f"blocks.{i}.", s)
             offset += k - 1
@@ -256,6 +290,8 @@ def decoder_weights(codec: Codec) -> dict[str, Tensor]:
                "norm.weight": d.norm.weight, "norm.bias": d.norm.bias,
                "final_norm.weight": d.final_norm.weight, "final_norm.bias": d.final_norm.bias,
                "head.weight": d.head.weight.T, "head.bias": d.head.bias, "istft.basis": d.istft.basis}
+    if d.voice_proj is not None:
+        weights.update({"voice_proj.weight": d.voice_proj.weight.T, "voice_proj.bias": d.voice_proj.bias})
     for i, block in enumerate(d.blocks):
         weights.update(convnext_weights(block, f"blocks.{i}."))
     return {name: tensor(t) for name, t in weights.items()}
@@ -279,26 +315,52 @@ class MaxCodecDecoder:
         """From a Codec in memory (voxlm.codec.module.load_codec loads a trained run's)."""
         return cls(DecoderShape.from_codec(codec), decoder_weights(codec), device)
 
-    def decode_window(self, codes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """The graph itself: codes [B, C + N], valid [B, C + N] -> blocks [B, (N + P - 1) * hop], the
-        previous tail not yet added."""
-        return self._run(to_numpy(codes, np.int64), to_numpy(valid, np.float32))[0]
+    @property
+    def has_voice(self) -> bool:
+        """Whether decoding takes a voice vector, as Codec.has_voice."""
+        return self.shape.voice_dim > 0
 
-    def decode(self, codes: ArrayLike) -> Tensor:
-        """codes [B, F] -> audio [B, F * hop], as Codec.decode: no context, so every context slot is empty."""
+    def _voice_inputs(self, voice: ArrayLike | None, batch: int) -> list[np.ndarray]:
+        """The graph's voice input, checked as Decoder.frames checks it: [] for a codec without one."""
+        if (voice is None) == self.has_voice:
+            raise ValueError("this decoder was built with voice_dim > 0 and needs a voice: Codec.voice(audio)"
+                             if voice is None else "this decoder has no voice input (voice_dim is 0)")
+        if voice is None:
+            return []
+        voice = to_numpy(voice, np.float32)
+        if voice.shape != (batch, self.shape.voice_dim):
+            raise ValueError(f"voice has shape {voice.shape}, expected ({batch}, {self.shape.voice_dim}): "
+                             "one Codec.voice vector per row")
+        return [voice]
+
+    def decode_window(self, codes: np.ndarray, valid: np.ndarray,
+                      voice: ArrayLike | None = None) -> np.ndarray:
+        """The graph itself: codes [B, C + N], valid [B, C + N] (voice [B, voice_dim]) -> blocks
+        [B, (N + P - 1) * hop], the previous tail not yet added."""
+        codes = to_numpy(codes, np.int64)
+        return self._run(codes, to_numpy(valid, np.float32), *self._voice_inputs(voice, len(codes)))[0]
+
+    def decode(self, codes: ArrayLike, voice: ArrayLike | None = None) -> Tensor:
+        """codes [B, F] (voice [B, voice_dim] for a voice codec) -> audio [B, F * hop], as Codec.decode: no
+        context, so every context slot is empty."""
         codes = to_numpy(codes, np.int64)
         batch, num_frames = codes.shape
+        self._voice_inputs(voice, batch)
         if num_frames == 0:
             return torch.zeros(batch, 0)
         window = np.zeros((batch, self.shape.context + num_frames), np.int64)
         window[:, self.shape.context:] = codes
         valid = np.zeros(window.shape, np.float32)
         valid[:, self.shape.context:] = 1
-        return torch.from_numpy(self.decode_window(window, valid)[:, : num_frames * self.hop_length].copy())
+        blocks = self.decode_window(window, valid, voice)
+        return torch.from_numpy(blocks[:, : num_frames * self.hop_length].copy())
 
-    def init_stream(self, batch_size: int) -> StreamState:
+    def init_stream(self, batch_size: int, voice: ArrayLike | None = None) -> StreamState:
+        """As Codec.init_stream: a voice codec's stream keeps its voice [B, voice_dim] in the state."""
+        self._voice_inputs(voice, batch_size)
         tail = torch.zeros(batch_size, self.shape.n_fft - self.hop_length)
-        return StreamState(torch.zeros(batch_size, 0, dtype=torch.long), tail)
+        voice = None if voice is None else torch.as_tensor(to_numpy(voice, np.float32))
+        return StreamState(torch.zeros(batch_size, 0, dtype=torch.long), tail, voice)
 
     def stream(self, codes: ArrayLike, state: StreamState) -> tuple[Tensor, StreamState]:
         """codes [B, n] -> (audio [B, n * hop], next state); the outputs over any split of a sequence
@@ -317,12 +379,13 @@ class MaxCodecDecoder:
         window[:, C:] = codes
         valid = np.zeros(window.shape, np.float32)
         valid[:, C - have:] = 1
-        blocks = self.decode_window(window, valid)
+        blocks = self.decode_window(window, valid, state.voice)
         blocks[:, : tail.shape[1]] += tail
         emitted = n * self.hop_length
         history = np.concatenate([context, codes], axis=1)
         kept = history[:, history.shape[1] - min(C, history.shape[1]):]
-        next_state = StreamState(torch.from_numpy(kept.copy()), torch.from_numpy(blocks[:, emitted:].copy()))
+        next_state = StreamState(torch.from_numpy(kept.copy()), torch.from_numpy(blocks[:, emitted:].copy()),
+                                 state.voice)
         return torch.from_numpy(blocks[:, :emitted].copy()), next_state
 
     def flush(self, state: StreamState) -> Tensor:
@@ -332,13 +395,61 @@ class MaxCodecDecoder:
 
 # --- encoder ------------------------------------------------------------------------------------------------
 
+def stft_log_magnitude(audio: TensorValue, weight: WeightFn, n_fft: int, hop_length: int) -> TensorValue:
+    """STFT.log_magnitude, channels-last: audio as hop blocks [B, F, hop] -> [B, F, n_fft // 2 + 1]. STFT
+    frame t = samples [t * hop, t * hop + n_fft) of the signal zero-padded on the right: the concatenation
+    of hop blocks t .. t + P - 1, then one matmul with the windowed DFT basis."""
+    P, bins = n_fft // hop_length, n_fft // 2 + 1
+    blocks = ops.pad(audio, [0, 0, 0, P - 1, 0, 0])                                # [B, F + P - 1, hop]
+    windows = ops.concat(taps(blocks, P), axis=-1)                                 # [B, F, n_fft]
+    spectrum = windows @ weight("stft.basis", n_fft, 2 * bins)
+    real, imag = spectrum[..., :bins], spectrum[..., bins:]
+    return 0.5 * ops.log(ops.max(real * real + imag * imag, 1e-10))
+
+
+def audio_inputs(hop_length: int, device: DeviceRef) -> list[TensorType]:
+    """The encoder's and the voice graph's inputs: audio as hop blocks [B, F, hop], valid frames [B, F]."""
+    return [TensorType(DType.float32, ["batch", "frames", hop_length], device=device),
+            TensorType(DType.float32, ["batch", "frames"], device=device)]
+
+
+def same_padded(x: TensorValue, kernel_size: int) -> TensorValue:
+    """x [B, T, C] zero-padded on both ends: a valid conv of kernel_size over it is a "same" one."""
+    half = kernel_size // 2
+    return ops.pad(x, [0, 0, half, half, 0, 0])
+
+
+def embedded_spectrum(graph: Graph, s: EncoderShape,
+                      device: DeviceRef) -> tuple[WeightFn, TensorValue, TensorValue, TensorValue]:
+    """The first steps of the encoder and the voice graph, inside `graph` (built on `audio_inputs`): (its
+    weights, audio [B, F, hop], valid [B, F, 1], the "same" embed conv of the log-magnitude STFT with the
+    invalid frames zeroed [B, F, dim])."""
+    weight = WeightFn(graph, device)
+    audio, valid = (value.tensor for value in graph.inputs)
+    valid = ops.unsqueeze(valid, -1)
+    x = stft_log_magnitude(audio, weight, s.n_fft, s.hop_length) * valid
+    k, bins = s.kernel_size, s.n_fft // 2 + 1
+    x = dense_conv(same_padded(x, k), weight("embed.weight", k * bins, s.dim), weight("embed.bias", s.dim), k)
+    return weight, audio, valid, x
+
+
+def audio_blocks(audio: ArrayLike, lengths: ArrayLike | None, hop: int) -> tuple[np.ndarray, np.ndarray]:
+    """audio [B, T] (lengths [B] in samples) -> (hop blocks [B, F, hop], valid frames [B, F]), F =
+    ceil(T / hop): zero-padded to a multiple of hop as Codec.pad_to_hop, and each clip's frames marked valid
+    as Codec.num_frames counts them."""
+    audio = to_numpy(audio, np.float32)
+    batch, num_samples = audio.shape
+    num_frames = -(-num_samples // hop)
+    padded = np.zeros((batch, num_frames * hop), np.float32)
+    padded[:, :num_samples] = audio
+    frames = np.full(batch, num_frames) if lengths is None else -(-to_numpy(lengths, np.int64) // hop)
+    valid = (np.arange(num_frames)[None] < frames[:, None]).astype(np.float32)
+    return padded.reshape(batch, num_frames, hop), valid
+
 def build_encoder_graph(s: EncoderShape, device: DeviceRef | None = None) -> Graph:
     """audio blocks [B, F, hop] float32, valid [B, F] float32 -> codes [B, F] int64."""
     device = device or DeviceRef.CPU()
-    k, half = s.kernel_size, s.kernel_size // 2
-    P, bins = s.n_fft // s.hop_length, s.n_fft // 2 + 1
-    input_types = [TensorType(DType.float32, ["batch", "frames", s.hop_length], device=device),
-                   TensorType(DType.float32, ["batch", "frames"], device=device)]
+    k = s.kernel_size
     levels = np.array(s.levels, np.int64)
     # FSQ's constants, computed by the same torch expressions as FSQ.bound (float32), so they agree bitwise.
     levels_t = torch.tensor(s.levels)
@@ -350,23 +461,11 @@ def build_encoder_graph(s: EncoderShape, device: DeviceRef | None = None) -> Gra
     def const(values: np.ndarray | Tensor) -> TensorValue:
         return ops.constant(np.asarray(values, np.float32), DType.float32, device=device)
 
-    with Graph(graph_name("encoder", s), input_types=input_types) as graph:
-        weight = WeightFn(graph, device)
-        audio, valid = (value.tensor for value in graph.inputs)
-        valid = ops.unsqueeze(valid, -1)                                           # [B, F, 1]
-        # STFT frame t = samples [t * hop, t * hop + n_fft) of the signal zero-padded on the right: the
-        # concatenation of hop blocks t .. t + P - 1, then one matmul with the windowed DFT basis.
-        blocks = ops.pad(audio, [0, 0, 0, P - 1, 0, 0])                            # [B, F + P - 1, hop]
-        windows = ops.concat(taps(blocks, P), axis=-1)                             # [B, F, n_fft]
-        spectrum = windows @ weight("stft.basis", s.n_fft, 2 * bins)
-        real, imag = spectrum[..., :bins], spectrum[..., bins:]
-        x = 0.5 * ops.log(ops.max(real * real + imag * imag, 1e-10)) * valid
-        # Non-causal ("same") convs: zero padding on both ends, then a valid conv.
-        x = dense_conv(ops.pad(x, [0, 0, half, half, 0, 0]), weight("embed.weight", k * bins, s.dim),
-                       weight("embed.bias", s.dim), k)
+    with Graph(graph_name("encoder", s), input_types=audio_inputs(s.hop_length, device)) as graph:
+        weight, audio, valid, x = embedded_spectrum(graph, s, device)
         x = ops.layer_norm(x, weight("norm.weight", s.dim), weight("norm.bias", s.dim), s.eps) * valid
         for i in range(s.num_layers):
-            x = convnext(x, ops.pad(x, [0, 0, half, half, 0, 0]), weight, f"blocks.{i}.", s) * valid
+            x = convnext(x, same_padded(x, k), weight, f"blocks.{i}.", s) * valid
         x = ops.layer_norm(x, weight("final_norm.weight", s.dim), weight("final_norm.bias", s.dim), s.eps)
         # The projection with BatchNorm folded in (see `encoder_weights`).
         z = x @ weight("proj.weight", s.dim, len(levels)) + weight("proj.bias", len(levels))
@@ -397,33 +496,86 @@ def encoder_weights(codec: Codec) -> dict[str, Tensor]:
     return {name: tensor(t) for name, t in weights.items()}
 
 
-class MaxCodecEncoder:
-    """Codec.encode on MAX: audio [B, T] -> codes [B, ceil(T / hop)] (int64 torch tensor on the host)."""
+# --- voice encoder ------------------------------------------------------------------------------------------
 
-    def __init__(self, shape: EncoderShape, weights: dict[str, Tensor], device: str = "cpu") -> None:
+def build_voice_encoder_graph(shape: VoiceEncoderShape, device: DeviceRef | None = None) -> Graph:
+    """audio blocks [B, F, hop] float32, valid [B, F] float32 -> voice [B, voice_dim] float32
+    (voxlm.codec.model.VoiceEncoder: ConvNeXt over the log-magnitude STFT, then the mean and standard
+    deviation of the valid frames, projected and normalized)."""
+    device = device or DeviceRef.CPU()
+    s, voice_dim, k = shape.convnext, shape.voice_dim, shape.convnext.kernel_size
+    with Graph(graph_name("voice", shape), input_types=audio_inputs(s.hop_length, device)) as graph:
+        weight, audio, valid, x = embedded_spectrum(graph, s, device)
+        x = x * valid
+        for i in range(s.num_layers):
+            x = convnext(x, same_padded(x, k), weight, f"blocks.{i}.", s) * valid
+        count = ops.max(ops.sum(valid, axis=1), 1.0)                               # [B, 1, 1]
+        mean = ops.sum(x, axis=1) / count                                          # [B, 1, dim]
+        spread = ops.sqrt(ops.max(ops.sum((x - mean) * (x - mean) * valid, axis=1) / count, 1e-6))
+        pooled = ops.concat([mean, spread], axis=-1)                               # [B, 1, 2 dim]
+        voice = pooled @ weight("proj.weight", 2 * s.dim, voice_dim) + weight("proj.bias", voice_dim)
+        voice = ops.layer_norm(voice, weight("norm.weight", voice_dim), weight("norm.bias", voice_dim), s.eps)
+        graph.output(voice.reshape([audio.shape[0], voice_dim]))
+    return graph
+
+
+def voice_encoder_weights(codec: Codec) -> dict[str, Tensor]:
+    v = codec.voice_encoder
+    weights = {"stft.basis": v.stft.basis[:, 0].T, "embed.weight": dense_conv_weight(v.embed),
+               "embed.bias": v.embed.bias, "proj.weight": v.proj.weight.T, "proj.bias": v.proj.bias,
+               "norm.weight": v.norm.weight, "norm.bias": v.norm.bias}
+    for i, block in enumerate(v.blocks):
+        weights.update(convnext_weights(block, f"blocks.{i}."))
+    return {name: tensor(t) for name, t in weights.items()}
+
+
+class MaxCodecEncoder:
+    """Codec.encode (and, for a codec with a voice encoder, Codec.voice) on MAX: audio [B, T] -> codes
+    [B, ceil(T / hop)] (int64 torch tensor on the host)."""
+
+    def __init__(self, shape: EncoderShape, weights: dict[str, Tensor], device: str = "cpu",
+                 voice_shape: VoiceEncoderShape | None = None,
+                 voice_weights: dict[str, Tensor] | None = None) -> None:
         self.shape = shape
         self.hop_length = shape.hop_length
         session, compiled = compile_once(("codec_encoder", shape), device,
                                          lambda: build_encoder_graph(shape, device_ref(device)))
         self._run = _Runner(session, compiled, weights, device)
+        self._voice = None
+        if voice_shape is not None:
+            def build() -> Graph:
+                return build_voice_encoder_graph(voice_shape, device_ref(device))
+
+            session, compiled = compile_once(("codec_voice", voice_shape), device, build)
+            self._voice = _Runner(session, compiled, voice_weights, device)
 
     @classmethod
     def from_codec(cls, codec: Codec, device: str = "cpu") -> MaxCodecEncoder:
-        return cls(EncoderShape.from_codec(codec), encoder_weights(codec), device)
+        """The encoder graph, and for a codec with a voice encoder (voice_dim > 0) its voice graph too."""
+        if not codec.has_voice:
+            return cls(EncoderShape.from_codec(codec), encoder_weights(codec), device)
+        return cls(EncoderShape.from_codec(codec), encoder_weights(codec), device,
+                   VoiceEncoderShape.from_codec(codec), voice_encoder_weights(codec))
 
     def encode(self, audio: ArrayLike, lengths: ArrayLike | None = None) -> Tensor:
         """As Codec.encode: T is zero-padded to a multiple of hop; lengths [B] (samples) marks the zero
         padding of a batch of unequal clips, so each clip's codes equal what it encodes to alone."""
-        audio = to_numpy(audio, np.float32)
-        batch, num_samples = audio.shape
-        hop = self.hop_length
-        num_frames = -(-num_samples // hop)
-        if num_frames == 0:
-            return torch.zeros(batch, 0, dtype=torch.long)
-        padded = np.zeros((batch, num_frames * hop), np.float32)
-        padded[:, :num_samples] = audio
-        frames = np.full(batch, num_frames) if lengths is None else -(-to_numpy(lengths, np.int64) // hop)
-        valid = (np.arange(num_frames)[None] < frames[:, None]).astype(np.float32)
-        codes = self._run(padded.reshape(batch, num_frames, hop), valid)[0]
+        blocks, valid = audio_blocks(audio, lengths, self.hop_length)
+        if blocks.shape[1] == 0:
+            return torch.zeros(len(blocks), 0, dtype=torch.long)
+        codes = self._run(blocks, valid)[0]
         return torch.from_numpy(codes.copy())
+
+    @property
+    def has_voice(self) -> bool:
+        return self._voice is not None
+
+    def voice(self, audio: ArrayLike, lengths: ArrayLike | None = None) -> Tensor:
+        """As Codec.voice: reference clips [B, T] (lengths [B] in samples) -> voice vectors [B, voice_dim]."""
+        if self._voice is None:
+            raise ValueError("this codec has no voice encoder (voice_dim is 0): decode without a voice")
+        blocks, valid = audio_blocks(audio, lengths, self.hop_length)
+        if blocks.shape[1] == 0:
+            raise ValueError("a voice needs a recording, got 0 samples")
+        return torch.from_numpy(self._voice(blocks, valid)[0].copy())
 

@@ -14,7 +14,8 @@ Checks, each a number against a threshold from config (per dtype):
   of vLLM's check_logprobs_close);
 - codec/decode: the MAX offline decode of the prompts' real codes against PyTorch's, SNR in dB;
 - codec/stream: the MAX streaming decode (the server's chunk schedule) against PyTorch's offline decode;
-- codec/encode: the share of frames whose MAX code equals PyTorch's for the real recordings.
+- codec/encode: the share of frames whose MAX code equals PyTorch's for the real recordings;
+- codec/voice (a codec with a voice encoder): each recording's MAX voice vector against PyTorch's, SNR in dB.
 """
 
 from __future__ import annotations
@@ -131,9 +132,11 @@ def divergence_margins(reference_logits: torch.Tensor, reference: torch.Tensor,
     return margins
 
 
-def stream_in_chunks(decoder: Any, codes: torch.Tensor, chunk_frames: Sequence[int]) -> np.ndarray:
-    """Decode [1, F] codes chunk by chunk with the schedule (its last size repeats), then flush."""
-    state, pieces, start, step = decoder.init_stream(1), [], 0, 0
+def stream_in_chunks(decoder: Any, codes: torch.Tensor, chunk_frames: Sequence[int],
+                     voice: torch.Tensor | None = None) -> np.ndarray:
+    """Decode [1, F] codes (in voice [1, voice_dim], for a codec with a voice encoder) chunk by chunk with the
+    schedule (its last size repeats), then flush."""
+    state, pieces, start, step = decoder.init_stream(1, voice), [], 0, 0
     while start < codes.shape[1]:
         size = chunk_frames[min(step, len(chunk_frames) - 1)]
         audio, state = decoder.stream(codes[:, start: start + size], state)
@@ -148,25 +151,34 @@ def stream_in_chunks(decoder: Any, codes: torch.Tensor, chunk_frames: Sequence[i
 @torch.no_grad()
 def codec_checks(codec: Codec, max_decoder: Any, max_encoder: Any, clips: Sequence[np.ndarray],
                  thresholds: dict[str, float], chunk_frames: Sequence[int]) -> list[Check]:
-    """Decode, streaming decode and encode of real recordings against the PyTorch codec."""
-    decode_snr, stream_snr, agree, frames = [], [], 0, 0
+    """Decode, streaming decode and encode of real recordings against the PyTorch codec; a codec with a voice
+    encoder also has each clip's voice computed on both sides, and decodes each clip in its own voice
+    (PyTorch's, so that the decode checks measure the decoder alone)."""
+    decode_snr, stream_snr, voice_snr, agree, frames = [], [], [], 0, 0
     for clip in clips:
         audio = torch.from_numpy(np.asarray(clip, dtype=np.float32))[None]
         codes = codec.encode(audio)
-        reference = codec.decode(codes)[0].numpy()
-        exported = np.asarray(max_decoder.decode(codes), dtype=np.float32).reshape(-1)
+        voice = codec.voice(audio) if codec.has_voice else None
+        if voice is not None:
+            voice_snr.append(snr_db(voice[0].numpy(), np.asarray(max_encoder.voice(audio))[0]))
+        reference = codec.decode(codes, voice)[0].numpy()
+        exported = np.asarray(max_decoder.decode(codes, voice), dtype=np.float32).reshape(-1)
         decode_snr.append(snr_db(reference, exported[: len(reference)]))
-        streamed = stream_in_chunks(max_decoder, codes, chunk_frames)
+        streamed = stream_in_chunks(max_decoder, codes, chunk_frames, voice)
         stream_snr.append(snr_db(reference, streamed[: len(reference)]))
         max_codes = np.asarray(max_encoder.encode(audio)).reshape(-1)
         agree += int((max_codes[: codes.shape[1]] == codes[0].numpy()).sum())
         frames += codes.shape[1]
-    return [
+    checks = [
         Check("codec", "decode_snr_db_min", float(min(decode_snr)), thresholds["codec_snr_db"], True),
         Check("codec", "stream_snr_db_min", float(min(stream_snr)), thresholds["stream_snr_db"], True),
         Check("codec", "encode_code_agreement", agree / max(frames, 1), thresholds["encoder_agreement"],
               True),
     ]
+    if voice_snr:  # the voice graph is a float32 port like the decoder's: held to the decoder's threshold
+        checks.append(Check("codec", "voice_snr_db_min", float(min(voice_snr)), thresholds["codec_snr_db"],
+                            True))
+    return checks
 
 
 def report_markdown(checks: Sequence[Check], title: str) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from torch import Tensor
 
 from voxlm.data.dataset import Preprocess
 from voxlm.data.text import normalize_text
@@ -49,7 +50,15 @@ from voxlm.serve.formats import (
 from voxlm.serve.metrics import ServeMetrics
 from voxlm.speechlm.generate import frame_limit
 from voxlm.speechlm.sequences import generation_start, tts_prompt
-from voxlm.speechlm.voices import Voice, check_name, encode_voice, list_voices, save_voice
+from voxlm.speechlm.voices import (
+    Voice,
+    check_name,
+    decoding_voice,
+    encode_voice,
+    list_voices,
+    load_reference_audio,
+    save_voice,
+)
 
 log = logging.getLogger("voxlm.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -99,32 +108,43 @@ class VoiceBook:
         self.dirs = [writable, *[d for d in dirs if d != writable]]
         self.writable = writable
         self.backend = backend
-        self._cache: dict[str, Voice | None] = {}  # by folder: None for a voice of another codec
+        # By folder: (the voice, what a voice codec decodes it in, or None), or None for a voice this codec
+        # cannot serve.
+        self._cache: dict[str, tuple[Voice, Tensor | None] | None] = {}
 
     def names(self) -> list[str]:
         """The voices this server's codec reads (a voice of another codec is left out, with a warning)."""
         return sorted({name for d in self.dirs for name in list_voices(d) if self._load(d, name)})
 
     def get(self, name: str) -> Voice:
+        return self.lookup(name)[0]
+
+    def lookup(self, name: str) -> tuple[Voice, Tensor | None]:
+        """(the voice, the voice [1, voice_dim] a codec with a voice encoder decodes its speech in: from its
+        reference.wav, computed once; None for a codec that decodes codes alone)."""
         for d in self.dirs:
-            voice = self._load(d, name)
-            if voice is not None:
-                return voice
+            entry = self._load(d, name)
+            if entry is not None:
+                return entry
         known = ", ".join(self.names()) or "none yet: add one with POST /v1/voices"
         raise ApiError(400, f"unknown voice '{name}'; voices: {known}", "voice")
 
-    def _load(self, folder: Path, name: str) -> Voice | None:
+    def _load(self, folder: Path, name: str) -> tuple[Voice, Tensor | None] | None:
         key = str(folder / name)
         if key not in self._cache:
             if not (folder / name / "voice.json").is_file():
                 return None
             voice = Voice.load(folder / name)
+            codec = self.backend.codec
             try:
-                voice.check_codec(self.backend.codec)
+                voice.check_codec(codec)
+                reference = (load_reference_audio(folder / name, folder, codec.sample_rate)
+                             if codec.has_voice else None)
+                entry = voice, decoding_voice(codec, reference, self.backend.encoder)
             except ValueError as error:
                 log.warning("voice %s is not served: %s", key, error)
-                voice = None
-            self._cache[key] = voice
+                entry = None
+            self._cache[key] = entry
         return self._cache[key]
 
     def describe(self, name: str) -> dict[str, Any]:
@@ -228,7 +248,7 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         events: asyncio.Queue = asyncio.Queue()
         item = SpeechRequest(job["prompt"], job["max_frames"], lambda e: loop.call_soon_threadsafe(
             events.put_nowait, e), time.monotonic() + settings.request_timeout_seconds, id=uuid.uuid4().hex,
-            playback_rate=job["speed"], feeds=job["feeds"])
+            playback_rate=job["speed"], feeds=job["feeds"], voice=job["voice"])
         try:
             engine.submit(item)
         except QueueFull as error:
@@ -322,7 +342,7 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
         if not isinstance(voice_name, str) or not voice_name:
             raise ApiError(400, f"'voice' is required; voices: {', '.join(voices.names()) or 'none yet'}",
                            "voice")
-        voice = voices.get(voice_name)
+        voice, decoding_voice_vector = voices.lookup(voice_name)
         tok = backend.tokenizer
         spoken = tok.spoken_char_ids(normalized) if tok.interleaved else None
         if spoken == []:
@@ -338,7 +358,8 @@ def create_app(backend: Backend, engine: Engine, settings: ApiSettings, metrics:
             raise ApiError(400, f"'input' is too long for this model: its prompt takes {len(prompt)} of "
                            f"{backend.context_length} positions; send a shorter text", "input")
         return {"prompt": prompt, "feeds": feeds, "max_frames": min(max_frames, room), "format": fmt,
-                "sse": stream_format == "sse", "speed": float(speed)}
+                "sse": stream_format == "sse", "speed": float(speed),
+                "voice": decoding_voice_vector}
 
     app.include_router(v1)
     return app

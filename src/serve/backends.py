@@ -42,8 +42,8 @@ class Backend:
     model: Any                        # called like a transformers causal LM (MaxSpeechLM or the HF model)
     tokenizer: SpeechTokenizer
     codec: Codec                      # config (rates, codebook) and, for torch, the decoder itself
-    decoder: Any                      # .init_stream(1), .stream(codes [1, n], state) -> (audio, state)
-    encoder: Any                      # .encode(audio tensor [1, T]) -> codes [1, F]
+    decoder: Any                      # .init_stream(1, voice), .stream(codes [1, n], state) -> (audio, state)
+    encoder: Any                      # .encode(audio [1, T]) -> codes [1, F]; .voice(audio [1, T]) -> [1, D]
     voices_dirs: list[Path]           # where saved voices are looked up, first match wins
     model_id: str                     # what /v1/models lists
     trim: Callable[[np.ndarray, int, float, int], TrimResult]  # (audio, frame_length, threshold_db, hangover)
@@ -99,9 +99,6 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
                   voices_dir: str | Path | None = None, model_id: str | None = None) -> Backend:
     """The PyTorch reference: the HF SpeechLM and the codec as trained, the NumPy silence detector."""
     codec = load_codec(codec_path, map_location=device).eval()
-    if codec.has_voice:
-        raise ValueError(f"{codec_path} has a voice encoder (voice_dim > 0), and the server's streams decode "
-                         "codes only: serve a codec trained with voice_dim 0")
     model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype)
 
     def to_tensors(cache: DynamicCache) -> list[Tensor]:

@@ -113,6 +113,7 @@ class SpeechRequest:
     # Interleaved SpeechLMs: the token fed at each <|advance|> the model says (`tok.spoken_feeds`; the first
     # characters are already at the end of `prompt`). [speech_end] waits until all are fed.
     feeds: list[int] = field(default_factory=list)
+    voice: Tensor | None = None           # [1, voice_dim]: what a codec with a voice encoder decodes it in
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -204,7 +205,11 @@ class Engine:
         prompt = np.array([self.tok.bos_id, self.tok.text_start_id, self.tok.text_end_id,
                            self.tok.speech_start_id], dtype=np.int64)
         frames = max(self.config.chunk_frames) + 2
-        self.submit(SpeechRequest(prompt, frames, lambda _: None, time.monotonic() + 600, id="warmup"))
+        # A codec with a voice encoder decodes in a voice: the voice of a short silence warms its graph too.
+        voice = (self.backend.encoder.voice(torch.zeros(1, self.hop * 8)) if self.backend.codec.has_voice
+                 else None)
+        self.submit(SpeechRequest(prompt, frames, lambda _: None, time.monotonic() + 600, id="warmup",
+                                  voice=voice))
         self.backend.trim(np.zeros(self.frame_length * 4, np.float32), self.frame_length, -40.0, 0)
         while self.waiting or self.active:
             self._turn()
@@ -290,7 +295,7 @@ class Engine:
                 newcomers.append(request)
         if not newcomers:
             return
-        rows = [Row(r, self.backend.decoder.init_stream(1)) for r in newcomers]
+        rows = [Row(r, self.backend.decoder.init_stream(1, r.voice)) for r in newcomers]
         for row in rows:
             self.active[id(row.request)] = row
         ids, mask = left_pad([r.prompt for r in newcomers], self.tok.pad_id)

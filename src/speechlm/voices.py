@@ -138,10 +138,12 @@ def load_voice(reference: str | Path, voices_dir: str | Path) -> Voice:
 
 
 @torch.no_grad()
-def decoding_voice(codec: Codec, reference_audio: np.ndarray | None) -> torch.Tensor | None:
+def decoding_voice(codec: Codec, reference_audio: np.ndarray | None,
+                   encoder: Any = None) -> torch.Tensor | None:
     """What a codec decodes a voice prompt's speech in: for a codec with a voice encoder (voice_dim > 0), the
     voice [1, voice_dim] of the prompt's reference recording (preprocessed, at the codec's rate); None for a
-    codec without one, which decodes codes alone."""
+    codec without one, which decodes codes alone. `encoder`: what computes it, e.g. the MAX encoder of an
+    artifact (anything with the codec's `voice(audio [1, T]) -> [1, voice_dim]`); default the codec itself."""
     if not codec.has_voice:
         return None
     if reference_audio is None:
@@ -149,7 +151,7 @@ def decoding_voice(codec: Codec, reference_audio: np.ndarray | None) -> torch.Te
                          "prompt's reference clip: pass voice=ref.wav with its voice_text, or a saved voice "
                          "that kept its reference.wav")
     device = codec.quantizer.levels.device
-    return codec.voice(torch.from_numpy(reference_audio).float()[None].to(device))
+    return (encoder or codec).voice(torch.from_numpy(reference_audio).float()[None].to(device))
 
 
 def load_reference_audio(reference: str | Path, voices_dir: str | Path,
