@@ -44,6 +44,7 @@ from voxlm.speechlm.voices import (
     load_reference_audio,
     load_voice,
     save_voice,
+    voice_for_codec,
 )
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "synth.yaml"
@@ -112,9 +113,8 @@ def resolve_voice(cfg: DictConfig, codec: Codec) -> tuple[Voice | None, np.ndarr
     if not path.is_file():
         if cfg.voice_text:
             log.warning("voice_text is ignored: the saved voice '%s' has its own transcript", cfg.voice)
-        voice = load_voice(path, cfg.voices_dir)
-        voice.check_codec(codec)
-        return voice, load_reference_audio(path, cfg.voices_dir, codec.sample_rate)
+        reference_audio = load_reference_audio(path, cfg.voices_dir, codec.sample_rate)
+        return voice_for_codec(load_voice(path, cfg.voices_dir), codec, reference_audio), reference_audio
     transcript = normalize_text(cfg.voice_text or "")
     if not transcript:
         raise SynthError(f"voice={path} is a recording: pass voice_text=\"what it says\" as well")

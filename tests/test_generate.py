@@ -8,6 +8,7 @@ at known steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -38,7 +39,16 @@ from voxlm.speechlm.model import build_model
 from voxlm.speechlm.module import own_codes
 from voxlm.speechlm.sequences import IGNORE, generation_start, tts_prompt, tts_sequence, unconditional_prompt
 from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
-from voxlm.speechlm.voices import Voice, encode_voice, list_voices, load_voice, save_voice
+from voxlm.speechlm.voices import (
+    Voice,
+    codec_fingerprint,
+    encode_voice,
+    list_voices,
+    load_reference_audio,
+    load_voice,
+    save_voice,
+    voice_for_codec,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -571,6 +581,54 @@ def test_voice_from_wav_saves_and_loads(codec: Codec, reference_wav: Path, tmp_p
     other = Codec(**{**codec.config, "levels": [4, 4, 2]})
     with pytest.raises(ValueError, match="rebuild the voice"):
         loaded.check_codec(other)
+
+
+def test_a_voice_of_another_codec_is_encoded_again(codec: Codec, reference_wav: Path, tmp_path: Path) -> None:
+    """Codecs of one shape trained apart give the same sound other codes: a voice names the codec that made
+    it, and is encoded again from its reference recording for another (by synth.py, the server and export),
+    or refused when it kept none."""
+    from voxlm.export.build import copy_voices
+
+    voice, audio = encode_voice(codec, reference_wav, "Hello there.", "alice", preprocess=Preprocess())
+    save_voice(voice, tmp_path / "voices", audio)
+    loaded = load_voice("alice", tmp_path / "voices")
+    assert loaded.codec_id == voice.codec_id == codec_fingerprint(codec)
+    twin = Codec(**codec.config)
+    twin.load_state_dict(codec.state_dict())
+    assert codec_fingerprint(twin) == codec_fingerprint(codec)  # the weights name the codec, not the object
+    torch.manual_seed(1)
+    retrained = Codec(**codec.config).eval()  # same shape and codebook, other weights
+    assert codec_fingerprint(retrained) != codec_fingerprint(codec)
+    with pytest.raises(ValueError, match="another codec .*rebuild the voice from its reference.wav"):
+        loaded.check_codec(retrained)
+
+    assert voice_for_codec(loaded, codec, audio) is loaded  # its own codec: the codes as saved
+    again = voice_for_codec(loaded, retrained, audio)
+    with torch.no_grad():
+        expected = retrained.encode(torch.from_numpy(audio)[None])[0].numpy()
+    np.testing.assert_array_equal(again.codes, expected)
+    assert np.mean(again.codes[: len(loaded.codes)] == loaded.codes) < 0.5  # the same sound, other codes
+    assert (again.codec_id, again.text, again.name) == (codec_fingerprint(retrained), "Hello there.", "alice")
+    with pytest.raises(ValueError, match="another codec"):
+        voice_for_codec(loaded, retrained, None)  # no recording to encode again
+    saved_before = dataclasses.replace(loaded, codec_id=None)  # voice.json from before voices named codecs
+    assert voice_for_codec(saved_before, retrained, None) is saved_before
+    np.testing.assert_array_equal(voice_for_codec(saved_before, retrained, audio).codes, expected)
+
+    # export ships a voice in the artifact codec's codes, its recording as saved; one without is left out.
+    bare = tmp_path / "voices" / "bare"
+    bare.mkdir()
+    for file in ("voice.json", "codes.npy"):
+        (bare / file).write_bytes((tmp_path / "voices" / "alice" / file).read_bytes())
+    assert copy_voices(tmp_path / "voices", tmp_path / "shipped", retrained) == ["alice"]
+    shipped = load_voice("alice", tmp_path / "shipped")
+    recording = load_reference_audio("alice", tmp_path / "voices", codec.sample_rate)  # as 16-bit PCM
+    with torch.no_grad():
+        np.testing.assert_array_equal(shipped.codes, retrained.encode(torch.from_numpy(recording)[None])[0])
+    assert shipped.codec_id == codec_fingerprint(retrained)
+    assert ((tmp_path / "shipped" / "alice" / "reference.wav").read_bytes()
+            == (tmp_path / "voices" / "alice" / "reference.wav").read_bytes())
+    assert copy_voices(tmp_path / "voices", tmp_path / "shipped-as-is", codec) == ["alice", "bare"]
 
 
 # --- synth.py ----------------------------------------------------------------------------------------------

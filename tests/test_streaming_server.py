@@ -30,7 +30,7 @@ from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, Row, SpeechReq
 from voxlm.serve.formats import SpeedChanger, available_formats, wav_header
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
 from voxlm.speechlm.sequences import tts_prompt
-from voxlm.speechlm.voices import Voice, load_reference_audio
+from voxlm.speechlm.voices import Voice, codec_fingerprint, load_reference_audio
 
 TEXT = "The little boat drifted across the lake."
 
@@ -498,6 +498,11 @@ def test_a_voice_codec_is_exported_and_served_in_each_voice(workspace: Path, tin
     for name, vector in zip(names, vectors, strict=True):
         served = book.lookup(name)[1]
         assert served is not None and torch.allclose(served, vector, atol=1e-4), name
+        # The saved voices came from the plain codec: the artifact ships them, and the server serves them,
+        # encoded again by this one.
+        ours = codec_fingerprint(voiced)
+        assert Voice.load(out / "voices" / name).codec_id == ours != codec_fingerprint(plain)
+        assert book.get(name).codec_id == ours
 
     sampling = SamplingConfig(do_sample=False, repetition_window=8)
     engine = Engine(backend, EngineConfig(trim_leading_silence=False, chunk_frames=(3, 5, 8), min_seconds=0),

@@ -33,7 +33,7 @@ from voxlm.runs import find_run
 from voxlm.speechlm.model import load_speechlm, speechlm_folder
 from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
-from voxlm.speechlm.voices import Voice, list_voices
+from voxlm.speechlm.voices import Voice, list_voices, load_reference_audio, voice_for_codec
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +169,21 @@ def export_artifact(cfg: DictConfig) -> Path:
 
 
 def copy_voices(source: Path, target: Path, codec: Codec) -> list[str]:
-    """Ship the saved voices this codec reads; voices of another codec are left out with a warning."""
+    """Ship the saved voices in this codec's codes: a voice of another codec is encoded again from its
+    reference.wav (the recording ships as saved), and left out with a warning when it has none."""
     shipped = []
     for name in list_voices(source):
         try:
-            Voice.load(source / name).check_codec(codec)
+            saved = Voice.load(source / name)
+            reference_audio = load_reference_audio(source / name, source, codec.sample_rate)
+            voice = voice_for_codec(saved, codec, reference_audio)
         except ValueError as error:
             log.warning("voice '%s' is not shipped: %s", name, error)
             continue
         shutil.copytree(source / name, target / name)
+        if voice is not saved:
+            log.info("voice '%s' encoded again with the artifact's codec", name)
+            voice.save(target / name)
         shipped.append(name)
     return shipped
 

@@ -58,6 +58,7 @@ from voxlm.speechlm.voices import (
     list_voices,
     load_reference_audio,
     save_voice,
+    voice_for_codec,
 )
 
 log = logging.getLogger("voxlm.serve")
@@ -113,7 +114,8 @@ class VoiceBook:
         self._cache: dict[str, tuple[Voice, Tensor | None] | None] = {}
 
     def names(self) -> list[str]:
-        """The voices this server's codec reads (a voice of another codec is left out, with a warning)."""
+        """The voices this server's codec reads: a voice of another codec is encoded again from its
+        reference.wav, and left out (with a warning) when it has none."""
         return sorted({name for d in self.dirs for name in list_voices(d) if self._load(d, name)})
 
     def get(self, name: str) -> Voice:
@@ -134,13 +136,11 @@ class VoiceBook:
         if key not in self._cache:
             if not (folder / name / "voice.json").is_file():
                 return None
-            voice = Voice.load(folder / name)
-            codec = self.backend.codec
+            codec, encoder = self.backend.codec, self.backend.encoder
             try:
-                voice.check_codec(codec)
-                reference = (load_reference_audio(folder / name, folder, codec.sample_rate)
-                             if codec.has_voice else None)
-                entry = voice, decoding_voice(codec, reference, self.backend.encoder)
+                reference = load_reference_audio(folder / name, folder, codec.sample_rate)
+                voice = voice_for_codec(Voice.load(folder / name), codec, reference, encoder)
+                entry = voice, decoding_voice(codec, reference, encoder)
             except ValueError as error:
                 log.warning("voice %s is not served: %s", key, error)
                 entry = None

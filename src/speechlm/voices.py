@@ -3,18 +3,23 @@
 A voice is built once from a wav and its transcript (the audio goes through the same trim and loudness steps
 as the training data, at the codec's sample rate, then the codec encoder) and saved as a small folder:
 
-    <voices_dir>/<name>/voice.json     name, transcript, speaker, codec facts (codebook size, rates)
+    <voices_dir>/<name>/voice.json     name, transcript, speaker, codec facts (codebook size, rates, and
+                                       the fingerprint of its weights)
                         codes.npy      int64 [frames]
                         reference.wav  the preprocessed audio that was encoded, to rebuild the voice with
                                        another codec
 
-Codes only mean something to the codec that made them, so a voice records its codec's codebook size and
-rates and refuses a codec that differs (`check_codec`).
+Codes only mean something to the codec that made them: two codecs of the same shape trained apart give the
+same sound different codes. So a voice records its codec's fingerprint (`codec_fingerprint`), and
+`voice_for_codec` encodes a voice of another codec again from its reference.wav; one without a recording
+is refused (`check_codec`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +37,19 @@ CODES_FILE = "codes.npy"
 REFERENCE_FILE = "reference.wav"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+log = logging.getLogger(__name__)
+
+
+def codec_fingerprint(codec: Codec) -> str:
+    """Which codec this is: sha256 of its weights and buffers (names, dtypes, shapes, bytes), 16 hex digits.
+    Codecs of one shape but other weights read each other's codes as other sounds."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(codec.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
 
 @dataclass
 class Voice:
@@ -42,19 +60,26 @@ class Voice:
     frame_rate: float
     sample_rate: int
     speaker: str | None = None
+    codec_id: str | None = None  # codec_fingerprint of the codec that made the codes (None: saved before)
 
     @property
     def duration(self) -> float:
         return len(self.codes) / self.frame_rate
 
     def check_codec(self, codec: Codec) -> None:
-        """Raise unless `codec` reads these codes: same codebook and rates as the codec that made them."""
+        """Raise unless `codec` reads these codes: the codec that made them, or for a voice saved before
+        voices named their codec, one with the same codebook and rates."""
         ours = (self.codebook_size, self.frame_rate, self.sample_rate)
         theirs = (codec.codebook_size, codec.frame_rate, codec.sample_rate)
         if ours != theirs:
             raise ValueError(
                 f"voice '{self.name}' was encoded by a codec with (codes, frames/s, Hz) = {ours}, this codec "
                 f"has {theirs}: rebuild the voice from its {REFERENCE_FILE} with this codec")
+        fingerprint = codec_fingerprint(codec)
+        if self.codec_id is not None and self.codec_id != fingerprint:
+            raise ValueError(
+                f"voice '{self.name}' was encoded by another codec (fingerprint {self.codec_id}, this "
+                f"codec's {fingerprint}): rebuild the voice from its {REFERENCE_FILE} with this codec")
 
     def save(self, folder: str | Path, reference_audio: np.ndarray | None = None) -> Path:
         folder = Path(folder)
@@ -94,7 +119,23 @@ def voice_from_audio(codec: Codec, audio: np.ndarray, text: str, name: str, spea
     device = codec.quantizer.levels.device
     codes = (encoder or codec).encode(torch.from_numpy(audio)[None].to(device))[0]
     codes = codes.cpu().numpy().astype(np.int64)
-    return Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate, speaker)
+    return Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate, speaker,
+                 codec_fingerprint(codec))
+
+
+def voice_for_codec(voice: Voice, codec: Codec, reference_audio: np.ndarray | None,
+                    encoder: Any = None) -> Voice:
+    """`voice` in `codec`'s codes: as saved when this codec made them, else encoded again from its reference
+    recording (a voice of another codec, or one saved before voices named their codec). A voice of another
+    codec without its recording raises (`check_codec`); one whose codec is unknown is used as saved."""
+    if voice.codec_id == codec_fingerprint(codec):
+        return voice
+    if reference_audio is None:
+        voice.check_codec(codec)
+        log.warning("voice '%s' names no codec and has no %s to encode again: its codes are used as saved, "
+                    "which is right only if this codec made them", voice.name, REFERENCE_FILE)
+        return voice
+    return voice_from_audio(codec, reference_audio, voice.text, voice.name, voice.speaker, encoder)
 
 
 def check_name(name: str) -> str:
