@@ -136,7 +136,8 @@ def synthesize(cfg: DictConfig) -> Synthesis:
     codec = load_codec(cfg.codec, map_location=device)
     voice, reference_audio = resolve_voice(cfg, codec)
     decode_voice = decoding_voice(codec, reference_audio)
-    model, tok = load_speechlm(cfg.speechlm, codec.codebook_size, device, cfg.dtype)
+    model, tok = load_speechlm(cfg.speechlm, codec.codebook_size, device, cfg.dtype,
+                               codec_id=codec.code_fingerprint())
 
     prompt = tts_prompt(tok, text, voice.text if voice else None, voice.codes if voice else None)
     spoken = [tok.spoken_char_ids(text)] if tok.interleaved else None

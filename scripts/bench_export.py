@@ -227,7 +227,8 @@ def main() -> None:
     else:
         if codec is None:
             raise SystemExit("a trained --speechlm needs its --codec (for the code block's size)")
-        model, tok = load_speechlm(args.speechlm, codec.codebook_size, on, args.dtype)
+        model, tok = load_speechlm(args.speechlm, codec.codebook_size, on, args.dtype,
+                                   codec_id=codec.code_fingerprint())
         speechlm_name = args.speechlm
     max_model = MaxSpeechLM.from_pretrained(model if args.speechlm_preset else args.speechlm, args.device,
                                             args.dtype)

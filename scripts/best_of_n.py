@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     ev = cfg.eval
     codec = load_codec(ev.codec_run).eval()
     head = require_ctc_head(ev.codec_run, "the readability rule reads the codes with it")
-    model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
+    model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size, codec_id=codec.code_fingerprint())
     asr, speaker = WhisperJudge.from_config(cfg.judges.asr), SpeakerJudge()
     sampling = OmegaConf.to_container(ev.sampling)
     report: dict[str, Any] = {"speechlm_run": str(ev.speechlm_run), "candidates": int(ev.candidates),

@@ -79,7 +79,8 @@ def main(cfg: DictConfig) -> None:
         cfg.device, cfg.dtype = "gpu", "float32"
     speechlm_dir, codec_dir = source_folders(cfg)
     codec = load_codec(codec_dir).eval()
-    torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
+    torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32",
+                                     codec_id=codec.code_fingerprint())
     _, prompts = gate_cases(cfg, tok, codec)
     checks = parity.speechlm_checks(torch_model, with_gpu_matmul_rounding(torch_model), tok, prompts,
                                     gate_thresholds(cfg), int(cfg.parity.decode_steps),

@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     mix_shares = [check_share(share) for share in ev.mix_shares]  # before minutes of synthesis, not after
     codec = load_codec(ev.codec_run).eval()
     head = require_ctc_head(ev.codec_run, "the timings come from its forced alignment")
-    model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size)
+    model, tok = load_speechlm(ev.speechlm_run, codec.codebook_size, codec_id=codec.code_fingerprint())
     sampling = SamplingConfig(**OmegaConf.to_container(ev.sampling))
     generator = torch.Generator().manual_seed(int(ev.sampling.seed)) if not sampling.greedy else None
     judge = WhisperJudge.from_config(cfg.judges.asr)

@@ -32,7 +32,7 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---:|"]
     results = {}
     for run in args.runs:
-        model, tok = load_speechlm(run, shards.codebook_size)
+        model, tok = load_speechlm(run, shards.codebook_size, codec_id=shards.codec_id)
         use = text_use(model, tok, shards, args.count, args.seed)
         (other, other_se), (none, none_se) = use.gap("other"), use.gap("none")
         lines.append(f"| {run} | " + " | ".join(f"{use.mean(c):.3f}" for c in CONDITIONS)

@@ -41,7 +41,6 @@ from voxlm.speechlm.sequences import IGNORE, generation_start, tts_prompt, tts_s
 from voxlm.speechlm.tokenizer import SpeechTokenizer, train_text_tokenizer
 from voxlm.speechlm.voices import (
     Voice,
-    codec_fingerprint,
     encode_voice,
     list_voices,
     load_reference_audio,
@@ -592,13 +591,16 @@ def test_a_voice_of_another_codec_is_encoded_again(codec: Codec, reference_wav: 
     voice, audio = encode_voice(codec, reference_wav, "Hello there.", "alice", preprocess=Preprocess())
     save_voice(voice, tmp_path / "voices", audio)
     loaded = load_voice("alice", tmp_path / "voices")
-    assert loaded.codec_id == voice.codec_id == codec_fingerprint(codec)
+    assert loaded.codec_id == voice.codec_id == codec.code_fingerprint()
     twin = Codec(**codec.config)
     twin.load_state_dict(codec.state_dict())
-    assert codec_fingerprint(twin) == codec_fingerprint(codec)  # the weights name the codec, not the object
+    assert twin.code_fingerprint() == codec.code_fingerprint()  # the weights name the codec, not the object
+    with torch.no_grad():
+        twin.decoder.head.weight.add_(0.1)
+    assert twin.code_fingerprint() == codec.code_fingerprint()  # a decoder tuned apart reads the same codes
     torch.manual_seed(1)
     retrained = Codec(**codec.config).eval()  # same shape and codebook, other weights
-    assert codec_fingerprint(retrained) != codec_fingerprint(codec)
+    assert retrained.code_fingerprint() != codec.code_fingerprint()
     with pytest.raises(ValueError, match="another codec .*rebuild the voice from its reference.wav"):
         loaded.check_codec(retrained)
 
@@ -608,7 +610,7 @@ def test_a_voice_of_another_codec_is_encoded_again(codec: Codec, reference_wav: 
         expected = retrained.encode(torch.from_numpy(audio)[None])[0].numpy()
     np.testing.assert_array_equal(again.codes, expected)
     assert np.mean(again.codes[: len(loaded.codes)] == loaded.codes) < 0.5  # the same sound, other codes
-    assert (again.codec_id, again.text, again.name) == (codec_fingerprint(retrained), "Hello there.", "alice")
+    assert (again.codec_id, again.text, again.name) == (retrained.code_fingerprint(), "Hello there.", "alice")
     with pytest.raises(ValueError, match="another codec"):
         voice_for_codec(loaded, retrained, None)  # no recording to encode again
     saved_before = dataclasses.replace(loaded, codec_id=None)  # voice.json from before voices named codecs
@@ -625,7 +627,7 @@ def test_a_voice_of_another_codec_is_encoded_again(codec: Codec, reference_wav: 
     recording = load_reference_audio("alice", tmp_path / "voices", codec.sample_rate)  # as 16-bit PCM
     with torch.no_grad():
         np.testing.assert_array_equal(shipped.codes, retrained.encode(torch.from_numpy(recording)[None])[0])
-    assert shipped.codec_id == codec_fingerprint(retrained)
+    assert shipped.codec_id == retrained.code_fingerprint()
     assert ((tmp_path / "shipped" / "alice" / "reference.wav").read_bytes()
             == (tmp_path / "voices" / "alice" / "reference.wav").read_bytes())
     assert copy_voices(tmp_path / "voices", tmp_path / "shipped-as-is", codec) == ["alice", "bare"]

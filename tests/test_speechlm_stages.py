@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from voxlm.codec.losses import spoken_characters
+from voxlm.codec.model import Codec
+from voxlm.codec.module import load_codec
 from voxlm.data.shards import CodeShards
 from voxlm.eval.text_use import speech_given_text, text_use
 from voxlm.rlhf.stage import FeedCharacters, prompt_text
@@ -282,6 +284,21 @@ def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain
     assert base.keys() == tuned.keys()
     assert all(not torch.equal(base[k], tuned[k]) for k in base if "proj" in k)  # every weight trained
     assert (run / "hf/speech_layout.json").read_text() == (pretrain_run / "hf/speech_layout.json").read_text()
+
+
+def test_the_speechlm_names_the_codec_whose_codes_it_learned(workspace: Path, sft_runs: dict[str, Path],
+                                                             shards: Path) -> None:
+    """Tokenizing records the codec's code fingerprint, training carries it into the SpeechLM's layout, and
+    loading the model with a codec that gives other codes (same shape, other weights) is refused."""
+    codec = load_codec(workspace / "runs/codec/tiny").eval()
+    ours = codec.code_fingerprint()
+    assert CodeShards(shards / "train").codec_id == ours
+    model, tok = load_speechlm(sft_runs["full"], codec.codebook_size, codec_id=ours)
+    assert tok.layout.codec_id == ours
+    torch.manual_seed(1)
+    other = Codec(**codec.config)
+    with pytest.raises(ValueError, match="learned the codes of codec .*: pass the codec its code shards"):
+        load_speechlm(sft_runs["full"], codec.codebook_size, codec_id=other.code_fingerprint())
 
 
 def test_text_use_scores_the_same_speech_under_three_texts(sft_runs: dict[str, Path], shards: Path) -> None:

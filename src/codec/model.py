@@ -23,6 +23,7 @@ wait for the overlap-add of the next frames, which the stream state carries.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -366,6 +367,18 @@ class Codec(nn.Module):
 
     def pad_to_hop(self, audio: Tensor) -> Tensor:
         return F.pad(audio, (0, -audio.shape[-1] % self.hop_length))
+
+    def code_fingerprint(self) -> str:
+        """Which codes this codec gives a sound: sha256 of its encoder's and quantizer's weights (names,
+        dtypes, shapes, bytes), 16 hex digits. Codecs of one shape trained apart read each other's codes as
+        other sounds; codecs that share these (a decoder fine-tuned apart) read them alike."""
+        digest = hashlib.sha256()
+        for part in (self.encoder, self.quantizer):
+            for name, tensor in sorted(part.state_dict().items()):
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def has_voice(self) -> bool:

@@ -90,8 +90,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     stage = cfg.stage
     codec_dir = find_run(stage.codec_run, cfg.paths.runs_dir, "codec")
     codec = load_codec(codec_dir)
-    meta = {"codec_run": str(codec_dir), "codebook_size": codec.codebook_size,
-            "frame_rate": codec.frame_rate, "sample_rate": codec.sample_rate, "hop_length": codec.hop_length}
+    meta = {"codec_run": str(codec_dir), "codec_id": codec.code_fingerprint(),
+            "codebook_size": codec.codebook_size, "frame_rate": codec.frame_rate,
+            "sample_rate": codec.sample_rate, "hop_length": codec.hop_length}
     ctc_head = load_ctc_head(codec_dir)
     if ctc_head is not None:
         meta["alphabet"] = ctc_head.alphabet  # what char_starts count: voxlm.codec.losses.spoken_characters

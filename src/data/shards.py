@@ -136,6 +136,11 @@ class CodeShards:
     def frame_rate(self) -> float:
         return float(self.meta["frame_rate"])
 
+    @property
+    def codec_id(self) -> str | None:
+        """Codec.code_fingerprint of the codec that made these codes (None: tokenized before shards named it)."""
+        return self.meta.get("codec_id")
+
     def speakers(self) -> list[str]:
         return sorted({row["speaker"] for row in self.rows})
 

@@ -299,7 +299,8 @@ def evaluate_tts(eval_cfg: DictConfig, data_cfg: DictConfig, judges: Judges) -> 
     device = "cuda" if eval_cfg.device == "auto" and torch.cuda.is_available() else (
         "cpu" if eval_cfg.device == "auto" else eval_cfg.device)
     codec = load_codec(eval_cfg.codec_run, map_location=device)
-    model, tok = load_speechlm(eval_cfg.speechlm_run, codec.codebook_size, device, eval_cfg.dtype)
+    model, tok = load_speechlm(eval_cfg.speechlm_run, codec.codebook_size, device, eval_cfg.dtype,
+                               codec_id=codec.code_fingerprint())
     sampling = SamplingConfig(**OmegaConf.to_container(eval_cfg.sampling))
     out_dir = Path(eval_cfg.out)
     sample_rate = codec.sample_rate

@@ -134,7 +134,8 @@ def export_artifact(cfg: DictConfig) -> Path:
     thresholds = gate_thresholds(cfg)  # an unmeasured device/dtype pair is refused before anything loads
     speechlm_dir, codec_dir = source_folders(cfg)
     codec = load_codec(codec_dir).eval()
-    torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32")
+    torch_model, tok = load_speechlm(speechlm_dir, codec.codebook_size, "cpu", "float32",
+                                     codec_id=codec.code_fingerprint())
     out = Path(cfg.out)
     log.info("exporting %s + %s for %s/%s to %s", speechlm_dir, codec_dir, cfg.device, cfg.dtype, out)
 
@@ -214,5 +215,6 @@ def load_artifact(folder: str | Path, device: str = "cpu") -> LoadedArtifact:
         encoder = MaxCodecEncoder.from_codec(codec, device=device)
     finally:
         sessions.use_mefs()
-    tok = SpeechTokenizer.from_pretrained(folder / SPEECHLM_DIR, codebook_size=codec.codebook_size)
+    tok = SpeechTokenizer.from_pretrained(folder / SPEECHLM_DIR, codebook_size=codec.codebook_size,
+                                          codec_id=codec.code_fingerprint())
     return LoadedArtifact(manifest, speechlm, tok, codec, decoder, encoder, folder / VOICES_DIR)

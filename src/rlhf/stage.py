@@ -70,7 +70,7 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     codec_dir = find_run(stage.codec_run, cfg.paths.runs_dir, "codec")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = load_codec(codec_dir, map_location=device)
-    model, tok = load_speechlm(sft_dir, codec.codebook_size, device)
+    model, tok = load_speechlm(sft_dir, codec.codebook_size, device, codec_id=codec.code_fingerprint())
     judges = Judges.load(cfg.judges)
 
     cases = build_cases(cfg.data, stage.prompts.split, stage.prompts.split, codec.sample_rate,

@@ -99,7 +99,8 @@ def torch_backend(checkpoint: str | Path, codec_path: str | Path, device: str = 
                   voices_dir: str | Path | None = None, model_id: str | None = None) -> Backend:
     """The PyTorch reference: the HF SpeechLM and the codec as trained, the NumPy silence detector."""
     codec = load_codec(codec_path, map_location=device).eval()
-    model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype)
+    model, tok = load_speechlm(checkpoint, codec.codebook_size, device, dtype,
+                               codec_id=codec.code_fingerprint())
 
     def to_tensors(cache: DynamicCache) -> list[Tensor]:
         return [t for layer in cache.layers for t in (layer.keys, layer.values)]

@@ -136,12 +136,13 @@ def speechlm_folder(path: str | Path) -> Path:
     return path
 
 
-def load_speechlm(path: str | Path, codebook_size: int, device: str = "cpu",
-                  dtype: str = "float32") -> tuple[PreTrainedModel, SpeechTokenizer]:
+def load_speechlm(path: str | Path, codebook_size: int, device: str = "cpu", dtype: str = "float32",
+                  codec_id: str | None = None) -> tuple[PreTrainedModel, SpeechTokenizer]:
     """(model in eval mode, its SpeechTokenizer) from a save_pretrained folder or a run folder with hf/;
-    the tokenizer's code block must match the codec's `codebook_size`."""
+    the tokenizer's code block must match the codec's `codebook_size`, and the codes it learned the codec's
+    `codec_id` (Codec.code_fingerprint) where both are known."""
     folder = speechlm_folder(path)
-    tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size)
+    tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size, codec_id=codec_id)
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                  dtype=getattr(torch, dtype))
     return model.to(device).eval(), tok

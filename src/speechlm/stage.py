@@ -110,7 +110,8 @@ def run_sft(cfg: DictConfig, run_dir: Path) -> None:
     tokenize_dir = find_run(cfg.stage.tokenize_run or pretrain_shards(pretrain_dir), cfg.paths.runs_dir,
                             "tokenize")
     train_shards, val_shards = split_shards(tokenize_dir, "train"), split_shards(tokenize_dir, "val")
-    tok = SpeechTokenizer.from_pretrained(pretrained, codebook_size=train_shards.codebook_size)
+    tok = SpeechTokenizer.from_pretrained(pretrained, codebook_size=train_shards.codebook_size,
+                                          codec_id=train_shards.codec_id)
     # float32 master weights whatever the folder holds; mixed precision is the trainer's job.
     model = LlamaForCausalLM.from_pretrained(
         str(pretrained), local_files_only=True, dtype=torch.float32,
@@ -190,12 +191,13 @@ def pretrain_tokenizer(tok_cfg: DictConfig, shards: CodeShards, folder: Path,
                 log.info("phonemes: %d in the train transcripts (espeak-ng voice %s)", len(phonemes), voice)
             tok = SpeechTokenizer.build(text_tokenizer, shards.codebook_size, spoken_alphabet=alphabet,
                                         lookahead=int(tok_cfg.get("lookahead", 0)), phonemes=phonemes,
-                                        phoneme_voice=voice if phonemes else None)
+                                        phoneme_voice=voice if phonemes else None, codec_id=shards.codec_id)
             save_atomically(tok.save_pretrained, folder)
             log.info("tokenizer written to %s", folder)
         else:
             wait_for(folder / LAYOUT_FILE)
-    return SpeechTokenizer.from_pretrained(folder, codebook_size=shards.codebook_size)
+    return SpeechTokenizer.from_pretrained(folder, codebook_size=shards.codebook_size,
+                                           codec_id=shards.codec_id)
 
 
 def save_atomically(save: Any, folder: Path) -> None:

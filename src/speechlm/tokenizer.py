@@ -102,6 +102,7 @@ class VocabLayout:
     lookahead: int = 0                  # interleaved: characters fed beyond the one being said
     phonemes: dict[str, str] | None = None  # interleaved, spoken=phonemes: espeak name -> the character said
     phoneme_voice: str | None = None        # the espeak-ng voice that phonemizes the text
+    codec_id: str | None = None             # Codec.code_fingerprint of the codec whose codes it holds
 
     @property
     def vocab_size(self) -> int:
@@ -212,12 +213,14 @@ class SpeechTokenizer:
     @classmethod
     def build(cls, text_tokenizer: PreTrainedTokenizerFast, codebook_size: int,
               spoken_alphabet: str | None = None, lookahead: int = 0,
-              phonemes: dict[str, str] | None = None, phoneme_voice: str | None = None) -> SpeechTokenizer:
+              phonemes: dict[str, str] | None = None, phoneme_voice: str | None = None,
+              codec_id: str | None = None) -> SpeechTokenizer:
         """Extend a text tokenizer (modified in place) with the control tokens and `codebook_size` codes; a
         `spoken_alphabet` (the codec's CTC alphabet, which the code shards' character timings count in)
         makes it a tokenizer for the interleaved format, given `lookahead` characters ahead, speaking the
         letters, or the `phonemes` (espeak name -> symbol, voxlm.data.phonemes.phoneme_symbols) that
-        espeak-ng's `phoneme_voice` says."""
+        espeak-ng's `phoneme_voice` says. `codec_id`: the code fingerprint of the codec whose codes these are
+        (Codec.code_fingerprint), which from_pretrained checks."""
         if phonemes is not None and not (spoken_alphabet and phoneme_voice):
             raise ValueError("phonemes are said in the interleaved format: they need the spoken alphabet "
                              "their timings are read from, and an espeak-ng voice")
@@ -240,11 +243,13 @@ class SpeechTokenizer:
         special_ids |= {name: tok.convert_tokens_to_ids(t) for name, t in CONTROL_TOKENS.items()}
         return cls(tok, VocabLayout(text_vocab_size, code_offset, codebook_size, special_ids,
                                     spoken_alphabet=spoken_alphabet, lookahead=lookahead,
-                                    phonemes=phonemes, phoneme_voice=phoneme_voice))
+                                    phonemes=phonemes, phoneme_voice=phoneme_voice, codec_id=codec_id))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, codebook_size: int | None = None) -> SpeechTokenizer:
-        """Load what save_pretrained wrote; `codebook_size` (the codec's) is checked against the layout."""
+    def from_pretrained(cls, path: str | Path, codebook_size: int | None = None,
+                        codec_id: str | None = None) -> SpeechTokenizer:
+        """Load what save_pretrained wrote; the codec's `codebook_size` and `codec_id`
+        (Codec.code_fingerprint) are checked against the layout (an id where both sides know one)."""
         path = Path(path)
         layout_path = path / LAYOUT_FILE
         if not layout_path.exists():
@@ -257,6 +262,11 @@ class SpeechTokenizer:
                 f"the tokenizer at {path} was built for a {layout.codebook_size}-code codec, but this codec "
                 f"has {codebook_size} codes: use the tokenizer saved with a SpeechLM trained on this codec's "
                 "shards, or build a new one")
+        if codec_id is not None and layout.codec_id is not None and codec_id != layout.codec_id:
+            raise ValueError(
+                f"the SpeechLM at {path} learned the codes of codec {layout.codec_id}, and this codec gives "
+                f"other codes (fingerprint {codec_id}): pass the codec its code shards were made with (the "
+                "tokenize run's shards/*/meta.json names its codec_run)")
         return cls(load_text_tokenizer(path), layout)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -4,20 +4,19 @@ A voice is built once from a wav and its transcript (the audio goes through the 
 as the training data, at the codec's sample rate, then the codec encoder) and saved as a small folder:
 
     <voices_dir>/<name>/voice.json     name, transcript, speaker, codec facts (codebook size, rates, and
-                                       the fingerprint of its weights)
+                                       the fingerprint of the weights that give the codes)
                         codes.npy      int64 [frames]
                         reference.wav  the preprocessed audio that was encoded, to rebuild the voice with
                                        another codec
 
 Codes only mean something to the codec that made them: two codecs of the same shape trained apart give the
-same sound different codes. So a voice records its codec's fingerprint (`codec_fingerprint`), and
+same sound different codes. So a voice records its codec's fingerprint (`Codec.code_fingerprint`), and
 `voice_for_codec` encodes a voice of another codec again from its reference.wav; one without a recording
 is refused (`check_codec`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -40,17 +39,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 log = logging.getLogger(__name__)
 
 
-def codec_fingerprint(codec: Codec) -> str:
-    """Which codec this is: sha256 of its weights and buffers (names, dtypes, shapes, bytes), 16 hex digits.
-    Codecs of one shape but other weights read each other's codes as other sounds."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(codec.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 @dataclass
 class Voice:
     name: str
@@ -60,7 +48,7 @@ class Voice:
     frame_rate: float
     sample_rate: int
     speaker: str | None = None
-    codec_id: str | None = None  # codec_fingerprint of the codec that made the codes (None: saved before)
+    codec_id: str | None = None  # code_fingerprint of the codec that made the codes (None: saved before)
 
     @property
     def duration(self) -> float:
@@ -75,7 +63,7 @@ class Voice:
             raise ValueError(
                 f"voice '{self.name}' was encoded by a codec with (codes, frames/s, Hz) = {ours}, this codec "
                 f"has {theirs}: rebuild the voice from its {REFERENCE_FILE} with this codec")
-        fingerprint = codec_fingerprint(codec)
+        fingerprint = codec.code_fingerprint()
         if self.codec_id is not None and self.codec_id != fingerprint:
             raise ValueError(
                 f"voice '{self.name}' was encoded by another codec (fingerprint {self.codec_id}, this "
@@ -120,7 +108,7 @@ def voice_from_audio(codec: Codec, audio: np.ndarray, text: str, name: str, spea
     codes = (encoder or codec).encode(torch.from_numpy(audio)[None].to(device))[0]
     codes = codes.cpu().numpy().astype(np.int64)
     return Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate, speaker,
-                 codec_fingerprint(codec))
+                 codec.code_fingerprint())
 
 
 def voice_for_codec(voice: Voice, codec: Codec, reference_audio: np.ndarray | None,
@@ -128,7 +116,7 @@ def voice_for_codec(voice: Voice, codec: Codec, reference_audio: np.ndarray | No
     """`voice` in `codec`'s codes: as saved when this codec made them, else encoded again from its reference
     recording (a voice of another codec, or one saved before voices named their codec). A voice of another
     codec without its recording raises (`check_codec`); one whose codec is unknown is used as saved."""
-    if voice.codec_id == codec_fingerprint(codec):
+    if voice.codec_id == codec.code_fingerprint():
         return voice
     if reference_audio is None:
         voice.check_codec(codec)
