@@ -481,6 +481,29 @@ def test_a_tampered_artifact_is_refused(artifact_dir: Path, tmp_path: Path) -> N
         load_manifest(older)
 
 
+def test_an_artifact_whose_graphs_this_version_no_longer_builds_is_refused(artifact_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """An artifact exported by a voxlm that built other graphs (its file hashes intact) is not compiled anew,
+    which would serve graphs the parity gate never saw: the error says to export it again, and how."""
+    import shutil
+
+    from voxlm.export.artifact import MANIFEST_FILE, ArtifactError
+    from voxlm.export.build import load_artifact
+    from voxlm.runs import file_digest
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact_dir, old)
+    graphs = json.loads((old / "graphs/manifest.json").read_text())
+    speechlm = next(g for g in graphs["graphs"] if g["name"].startswith("speechlm_"))
+    speechlm["key"] = "speechlm_000000000000-000000000000.mef"  # what an older graph builder named
+    (old / "graphs/manifest.json").write_text(json.dumps(graphs, indent=2))
+    manifest = json.loads((old / MANIFEST_FILE).read_text())
+    manifest["files"]["graphs/manifest.json"] = file_digest(old / "graphs/manifest.json")
+    (old / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ArtifactError, match="holds no graph 'speechlm_.*Export it again .*python export.py"):
+        load_artifact(old)
+
+
 def test_the_parity_gate_catches_a_perturbed_weight(workspace: Path, tiny_corpus: Path,
                                                     sft_runs: dict[str, Path], artifact_dir: Path) -> None:
     out, report = workspace / "artifacts/perturbed", workspace / "parity-report"

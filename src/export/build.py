@@ -202,6 +202,8 @@ class LoadedArtifact:
 
 def load_artifact(folder: str | Path, device: str = "cpu") -> LoadedArtifact:
     """The MAX models of a verified artifact, from its precompiled graphs (no compile)."""
+    from max.engine import MissingArtifactError
+
     from voxlm.export.codec import MaxCodecDecoder, MaxCodecEncoder
     from voxlm.export.speechlm import MaxSpeechLM
 
@@ -213,6 +215,15 @@ def load_artifact(folder: str | Path, device: str = "cpu") -> LoadedArtifact:
         speechlm = MaxSpeechLM.from_pretrained(folder / SPEECHLM_DIR, device, manifest["dtype"])
         decoder = MaxCodecDecoder.from_codec(codec, device=device)
         encoder = MaxCodecEncoder.from_codec(codec, device=device)
+    except MissingArtifactError as error:
+        # Compiling the missing graph would serve a graph the parity gate never saw.
+        sources, versions = manifest.get("sources", {}), manifest.get("versions", {})
+        raise artifact.ArtifactError(
+            f"{folder} holds no graph '{error.graph_name}': it was exported by a voxlm that built other "
+            f"graphs (voxlm {versions.get('voxlm', '?')}, MAX {versions.get('max', '?')}), and its parity "
+            "proof covers those only. Export it again with this one: python export.py "
+            f"speechlm={sources.get('speechlm', '<run>')} codec={sources.get('codec', '<run>')} out={folder}"
+        ) from None
     finally:
         sessions.use_mefs()
     tok = SpeechTokenizer.from_pretrained(folder / SPEECHLM_DIR, codebook_size=codec.codebook_size,
