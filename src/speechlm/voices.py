@@ -63,8 +63,7 @@ class Voice:
             raise ValueError(
                 f"voice '{self.name}' was encoded by a codec with (codes, frames/s, Hz) = {ours}, this codec "
                 f"has {theirs}: rebuild the voice from its {REFERENCE_FILE} with this codec")
-        fingerprint = codec.code_fingerprint()
-        if self.codec_id is not None and self.codec_id != fingerprint:
+        if self.codec_id is not None and self.codec_id != (fingerprint := codec.code_fingerprint()):
             raise ValueError(
                 f"voice '{self.name}' was encoded by another codec (fingerprint {self.codec_id}, this "
                 f"codec's {fingerprint}): rebuild the voice from its {REFERENCE_FILE} with this codec")
