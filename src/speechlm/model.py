@@ -7,6 +7,7 @@ folder (`init_from`) whose embeddings are grown to the speech vocabulary.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,6 +126,23 @@ def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def trained_codec_run(folder: Path) -> str | None:
+    """The codec run whose codes the SpeechLM in a run's hf/ `folder` learned, as its run's metrics.json says
+    (an RLHF run names it; pretrain and SFT runs name their tokenize run, which names it); None if unsaid."""
+    run = folder.parent
+    for _ in range(3):
+        metrics_file = run / "metrics.json"
+        if not metrics_file.is_file():
+            return None
+        metrics = json.loads(metrics_file.read_text())
+        if metrics.get("codec_run"):
+            return str(metrics["codec_run"])
+        if not metrics.get("tokenize_run"):
+            return None
+        run = Path(metrics["tokenize_run"])
+    return None
+
+
 def speechlm_folder(path: str | Path) -> Path:
     """The save_pretrained folder: the path itself, or a run folder's hf/."""
     path = Path(path)
@@ -142,7 +160,13 @@ def load_speechlm(path: str | Path, codebook_size: int, device: str = "cpu", dty
     the tokenizer's code block must match the codec's `codebook_size`, and the codes it learned the codec's
     `codec_id` (Codec.code_fingerprint) where both are known."""
     folder = speechlm_folder(path)
-    tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size, codec_id=codec_id)
+    try:
+        tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size, codec_id=codec_id)
+    except ValueError as error:
+        codec_run = trained_codec_run(folder)
+        if codec_run is None:
+            raise
+        raise ValueError(f"{error}. This one was trained on the codes of the codec in {codec_run}") from None
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                  dtype=getattr(torch, dtype))
     return model.to(device).eval(), tok
