@@ -35,7 +35,7 @@ from voxlm.data.audio import save_audio
 from voxlm.data.dataset import Preprocess
 from voxlm.data.text import normalize_text
 from voxlm.speechlm.generate import SamplingConfig, frame_limit, generate_codes, stream_codes
-from voxlm.speechlm.model import load_speechlm
+from voxlm.speechlm.model import load_speechlm, speechlm_codec
 from voxlm.speechlm.sequences import tts_prompt
 from voxlm.speechlm.voices import (
     Voice,
@@ -133,7 +133,7 @@ def synthesize(cfg: DictConfig) -> Synthesis:
     if not text:
         raise SynthError("text is empty: pass text=\"what to say\"")
     device = resolve_device(cfg.device)
-    codec = load_codec(cfg.codec, map_location=device)
+    codec = load_codec(speechlm_codec(cfg.speechlm, cfg.codec, "runs/codec/latest"), map_location=device)
     voice, reference_audio = resolve_voice(cfg, codec)
     decode_voice = decoding_voice(codec, reference_audio)
     model, tok = load_speechlm(cfg.speechlm, codec.codebook_size, device, cfg.dtype,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,7 +32,7 @@ from voxlm.serve.backends import max_backend
 from voxlm.serve.engine import Audio, Done, Engine, EngineConfig, SpeechRequest
 from voxlm.speechlm.code_grid import has_code_grid
 from voxlm.speechlm.generate import SamplingConfig, generate_codes
-from voxlm.speechlm.model import load_speechlm
+from voxlm.speechlm.model import load_speechlm, speechlm_codec
 from voxlm.speechlm.module import SpeechLMModule
 from voxlm.speechlm.sequences import generation_start, pad_collate, tts_prompt, tts_sequence
 from voxlm.speechlm.stage import val_rows
@@ -297,6 +298,15 @@ def test_the_speechlm_names_the_codec_whose_codes_it_learned(workspace: Path, sf
     assert tok.layout.codec_id == ours
     torch.manual_seed(1)
     other = Codec(**codec.config)
+    # Unless told otherwise, synth, serve, export and RLHF pair a SpeechLM with the codec it was trained on.
+    tiny = str((workspace / "runs/codec/tiny").resolve())
+    assert Path(speechlm_codec(sft_runs["full"], None, "latest")).resolve() == Path(tiny)
+    assert Path(speechlm_codec(sft_runs["full"] / "hf", None, "latest")).resolve() == Path(tiny)
+    assert speechlm_codec(sft_runs["full"], "runs/codec/other", "latest") == "runs/codec/other"
+    bare = workspace / "bare-speechlm"  # a save_pretrained folder outside any run: nothing says
+    if not bare.exists():
+        shutil.copytree(sft_runs["full"] / "hf", bare)
+    assert speechlm_codec(bare, None, "latest") == "latest"
     # The error names the codec to pass: the SFT run's tokenize run's codec.
     with pytest.raises(ValueError, match="learned the codes of codec .*: pass the codec its code shards.* "
                                          "trained on the codes of the codec in .*runs/codec/tiny$"):

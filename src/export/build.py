@@ -30,7 +30,7 @@ from voxlm.eval.report import write_json
 from voxlm.eval.tts_eval import build_cases, case_prompt
 from voxlm.export import artifact, parity, sessions
 from voxlm.runs import find_run
-from voxlm.speechlm.model import load_speechlm, speechlm_folder
+from voxlm.speechlm.model import load_speechlm, speechlm_codec, speechlm_folder
 from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.speechlm.voices import Voice, list_voices, load_reference_audio, voice_for_codec
@@ -126,7 +126,7 @@ def source_folders(cfg: DictConfig) -> tuple[Path, Path]:
     """(SpeechLM folder, codec run folder) that `sources` names; the SpeechLM defaults to the newest run."""
     runs_dir = Path(cfg.paths.runs_dir)
     speechlm = speechlm_folder(cfg.sources.speechlm) if cfg.sources.speechlm else latest_speechlm(runs_dir)
-    return speechlm, find_run(cfg.sources.codec, runs_dir, "codec")
+    return speechlm, find_run(speechlm_codec(speechlm, cfg.sources.codec, "latest"), runs_dir, "codec")
 
 
 def export_artifact(cfg: DictConfig) -> Path:

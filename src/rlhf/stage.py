@@ -50,7 +50,7 @@ from voxlm.eval.tts_eval import Case, Judges, build_cases, case_prompt, evaluate
 from voxlm.rlhf.rewards import COMPONENTS, SpeechRewards
 from voxlm.runs import find_run, write_metrics
 from voxlm.speechlm.generate import Generation, SamplingConfig, generate_codes
-from voxlm.speechlm.model import load_speechlm, speechlm_folder
+from voxlm.speechlm.model import load_speechlm, speechlm_codec, speechlm_folder
 from voxlm.speechlm.sequences import generation_start
 from voxlm.speechlm.tokenizer import SpeechTokenizer
 from voxlm.training import seed_everything
@@ -67,7 +67,7 @@ def run_rlhf(cfg: DictConfig, run_dir: Path) -> None:
     if algorithm.name not in ("grpo", "dpo"):
         raise ValueError(f"unknown algorithm '{algorithm.name}': use algorithm=grpo or algorithm=dpo")
     sft_dir = speechlm_folder(find_run(stage.sft_run, cfg.paths.runs_dir, "sft"))
-    codec_dir = find_run(stage.codec_run, cfg.paths.runs_dir, "codec")
+    codec_dir = find_run(speechlm_codec(sft_dir, stage.codec_run, "latest"), cfg.paths.runs_dir, "codec")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codec = load_codec(codec_dir, map_location=device)
     model, tok = load_speechlm(sft_dir, codec.codebook_size, device, codec_id=codec.code_fingerprint())

@@ -19,6 +19,7 @@ from voxlm.serve.backends import Backend, max_backend, torch_backend
 from voxlm.serve.engine import Engine, EngineConfig
 from voxlm.serve.metrics import ServeMetrics
 from voxlm.speechlm.generate import SamplingConfig
+from voxlm.speechlm.model import speechlm_codec
 
 log = logging.getLogger("voxlm.serve")
 
@@ -49,7 +50,8 @@ def load_backend(cfg: DictConfig) -> Backend:
         if not cfg.checkpoint:
             raise ServeConfigError("backend=torch serves checkpoints: pass checkpoint=<speechlm run> "
                                    "(and codec=<codec run>)")
-        return torch_backend(cfg.checkpoint, cfg.codec, cfg.device, cfg.dtype, cfg.api.voices_dir,
+        codec = speechlm_codec(cfg.checkpoint, cfg.codec, "runs/codec/latest")
+        return torch_backend(cfg.checkpoint, codec, cfg.device, cfg.dtype, cfg.api.voices_dir,
                              cfg.model_id)
     raise ServeConfigError(f"backend must be max or torch, got {cfg.backend!r}")
 

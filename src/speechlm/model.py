@@ -143,6 +143,18 @@ def trained_codec_run(folder: Path) -> str | None:
     return None
 
 
+def speechlm_codec(speechlm: str | Path, codec: str | Path | None, fallback: str) -> str:
+    """The codec to pair with a SpeechLM: `codec` when given, else the codec run it was trained on (as its
+    run's metrics.json says, when that run is still there), else `fallback` (the newest codec run)."""
+    if codec:
+        return str(codec)
+    trained = trained_codec_run(speechlm_folder(speechlm))
+    if trained and Path(trained).is_dir():
+        log.info("codec: %s, the one %s was trained on", trained, speechlm)
+        return trained
+    return fallback
+
+
 def speechlm_folder(path: str | Path) -> Path:
     """The save_pretrained folder: the path itself, or a run folder's hf/."""
     path = Path(path)
