@@ -69,10 +69,16 @@ def find_run(reference: str | Path, runs_dir: str | Path, stage: str) -> Path:
     raise FileNotFoundError(f"cannot find the {stage} run '{reference}' ({hint})")
 
 
+def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """run_dir/metrics.json, or {} for a folder without one."""
+    path = Path(run_dir) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> Path:
     """Merge `metrics` into run_dir/metrics.json (later values win) and return its path."""
     path = Path(run_dir) / METRICS_FILE
-    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged = read_metrics(run_dir)
     merged.update(metrics)
     path.write_text(json.dumps(merged, indent=2, sort_keys=True, default=float) + "\n")
     return path

@@ -288,26 +288,25 @@ def test_sft_fine_tunes_the_pretrained_model(sft_runs: dict[str, Path], pretrain
 
 
 def test_the_speechlm_names_the_codec_whose_codes_it_learned(workspace: Path, sft_runs: dict[str, Path],
-                                                             shards: Path) -> None:
+                                                             shards: Path, tmp_path: Path) -> None:
     """Tokenizing records the codec's code fingerprint, training carries it into the SpeechLM's layout, and
     loading the model with a codec that gives other codes (same shape, other weights) is refused."""
-    codec = load_codec(workspace / "runs/codec/tiny").eval()
+    tiny = workspace / "runs/codec/tiny"
+    codec = load_codec(tiny).eval()
     ours = codec.code_fingerprint()
     assert CodeShards(shards / "train").codec_id == ours
-    model, tok = load_speechlm(sft_runs["full"], codec.codebook_size, codec_id=ours)
+    _, tok = load_speechlm(sft_runs["full"], codec.codebook_size, codec_id=ours)
     assert tok.layout.codec_id == ours
-    torch.manual_seed(1)
-    other = Codec(**codec.config)
     # Unless told otherwise, synth, serve, export and RLHF pair a SpeechLM with the codec it was trained on.
-    tiny = str((workspace / "runs/codec/tiny").resolve())
-    assert Path(speechlm_codec(sft_runs["full"], None, "latest")).resolve() == Path(tiny)
-    assert Path(speechlm_codec(sft_runs["full"] / "hf", None, "latest")).resolve() == Path(tiny)
+    assert Path(speechlm_codec(sft_runs["full"], None, "latest")).resolve() == tiny.resolve()
+    assert Path(speechlm_codec(sft_runs["full"] / "hf", None, "latest")).resolve() == tiny.resolve()
     assert speechlm_codec(sft_runs["full"], "runs/codec/other", "latest") == "runs/codec/other"
-    bare = workspace / "bare-speechlm"  # a save_pretrained folder outside any run: nothing says
-    if not bare.exists():
-        shutil.copytree(sft_runs["full"] / "hf", bare)
+    bare = tmp_path / "bare-speechlm"  # a save_pretrained folder outside any run: nothing says
+    shutil.copytree(sft_runs["full"] / "hf", bare)
     assert speechlm_codec(bare, None, "latest") == "latest"
     # The error names the codec to pass: the SFT run's tokenize run's codec.
+    torch.manual_seed(1)
+    other = Codec(**codec.config)
     with pytest.raises(ValueError, match="learned the codes of codec .*: pass the codec its code shards.* "
                                          "trained on the codes of the codec in .*runs/codec/tiny$"):
         load_speechlm(sft_runs["full"], codec.codebook_size, codec_id=other.code_fingerprint())
@@ -497,8 +496,6 @@ def test_an_artifact_whose_graphs_this_version_no_longer_builds_is_refused(artif
                                                                           tmp_path: Path) -> None:
     """An artifact exported by a voxlm that built other graphs (its file hashes intact) is not compiled anew,
     which would serve graphs the parity gate never saw: the error says to export it again, and how."""
-    import shutil
-
     from voxlm.export.artifact import MANIFEST_FILE, ArtifactError
     from voxlm.export.build import load_artifact
     from voxlm.runs import file_digest

@@ -172,12 +172,12 @@ def export_artifact(cfg: DictConfig) -> Path:
 def copy_voices(source: Path, target: Path, codec: Codec) -> list[str]:
     """Ship the saved voices in this codec's codes: a voice of another codec is encoded again from its
     reference.wav (the recording ships as saved), and left out with a warning when it has none."""
-    shipped = []
+    shipped, codec_id = [], codec.code_fingerprint()
     for name in list_voices(source):
         try:
             saved = Voice.load(source / name)
             reference_audio = load_reference_audio(source / name, source, codec.sample_rate)
-            voice = voice_for_codec(saved, codec, reference_audio)
+            voice = voice_for_codec(saved, codec, reference_audio, codec_id=codec_id)
         except ValueError as error:
             log.warning("voice '%s' is not shipped: %s", name, error)
             continue

@@ -109,6 +109,7 @@ class VoiceBook:
         self.dirs = [writable, *[d for d in dirs if d != writable]]
         self.writable = writable
         self.backend = backend
+        self.codec_id = backend.codec.code_fingerprint()  # hashed once, not once per voice
         # By folder: (the voice, what a voice codec decodes it in, or None), or None for a voice this codec
         # cannot serve.
         self._cache: dict[str, tuple[Voice, Tensor | None] | None] = {}
@@ -139,7 +140,7 @@ class VoiceBook:
             codec, encoder = self.backend.codec, self.backend.encoder
             try:
                 reference = load_reference_audio(folder / name, folder, codec.sample_rate)
-                voice = voice_for_codec(Voice.load(folder / name), codec, reference, encoder)
+                voice = voice_for_codec(Voice.load(folder / name), codec, reference, encoder, self.codec_id)
                 entry = voice, decoding_voice(codec, reference, encoder)
             except ValueError as error:
                 log.warning("voice %s is not served: %s", key, error)

@@ -7,7 +7,6 @@ folder (`init_from`) whose embeddings are grown to the speech vocabulary.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from voxlm.speechlm.tokenizer import SpeechTokenizer
+from voxlm.runs import read_metrics
+from voxlm.speechlm.tokenizer import CodecMismatchError, SpeechTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,7 @@ def trained_codec_run(folder: Path) -> str | None:
     (an RLHF run names it; pretrain and SFT runs name their tokenize run, which names it); None if unsaid."""
     run = folder.parent
     for _ in range(3):
-        metrics_file = run / "metrics.json"
-        if not metrics_file.is_file():
-            return None
-        metrics = json.loads(metrics_file.read_text())
+        metrics = read_metrics(run)
         if metrics.get("codec_run"):
             return str(metrics["codec_run"])
         if not metrics.get("tokenize_run"):
@@ -174,11 +171,12 @@ def load_speechlm(path: str | Path, codebook_size: int, device: str = "cpu", dty
     folder = speechlm_folder(path)
     try:
         tok = SpeechTokenizer.from_pretrained(folder, codebook_size=codebook_size, codec_id=codec_id)
-    except ValueError as error:
+    except CodecMismatchError as error:
         codec_run = trained_codec_run(folder)
         if codec_run is None:
             raise
-        raise ValueError(f"{error}. This one was trained on the codes of the codec in {codec_run}") from None
+        raise CodecMismatchError(
+            f"{error}. This one was trained on the codes of the codec in {codec_run}") from None
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                  dtype=getattr(torch, dtype))
     return model.to(device).eval(), tok

@@ -25,7 +25,6 @@ under FSDP the full weights are gathered before saving.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -46,7 +45,7 @@ from transformers import LlamaForCausalLM
 from voxlm.codec.losses import spoken_characters
 from voxlm.data.phonemes import phoneme_inventory, phoneme_symbols
 from voxlm.data.shards import CodeShards
-from voxlm.runs import find_run, write_metrics
+from voxlm.runs import find_run, read_metrics, write_metrics
 from voxlm.speechlm.model import build_model
 from voxlm.speechlm.module import SpeechLMModule, hf_config_dict
 from voxlm.speechlm.sequences import (
@@ -139,9 +138,7 @@ def split_shards(tokenize_dir: Path, split: str) -> CodeShards:
 
 def pretrain_shards(pretrain_dir: Path) -> str:
     """The tokenize run a pretrain run trained on (recorded in its metrics.json), else 'latest'."""
-    metrics = Path(pretrain_dir) / "metrics.json"
-    recorded = json.loads(metrics.read_text()).get("tokenize_run") if metrics.exists() else None
-    return recorded or "latest"
+    return read_metrics(pretrain_dir).get("tokenize_run") or "latest"
 
 
 def read_text_corpus(path: str | None) -> list[str] | None:

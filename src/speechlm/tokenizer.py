@@ -116,6 +116,10 @@ class VocabLayout:
         return cls(**json.loads(text))
 
 
+class CodecMismatchError(ValueError):
+    """A codec whose codes are not the ones a SpeechLM's vocabulary was built for."""
+
+
 class SpeechTokenizer:
     """Text tokenizer + control tokens + a contiguous block of code tokens (see the module docstring)."""
 
@@ -258,12 +262,12 @@ class SpeechTokenizer:
                 "SpeechTokenizer.build(text_tokenizer, codebook_size) and save_pretrained it")
         layout = VocabLayout.from_json(layout_path.read_text())
         if codebook_size is not None and codebook_size != layout.codebook_size:
-            raise ValueError(
+            raise CodecMismatchError(
                 f"the tokenizer at {path} was built for a {layout.codebook_size}-code codec, but this codec "
                 f"has {codebook_size} codes: use the tokenizer saved with a SpeechLM trained on this codec's "
                 "shards, or build a new one")
         if codec_id is not None and layout.codec_id is not None and codec_id != layout.codec_id:
-            raise ValueError(
+            raise CodecMismatchError(
                 f"the SpeechLM at {path} learned the codes of codec {layout.codec_id}, and this codec gives "
                 f"other codes (fingerprint {codec_id}): pass the codec its code shards were made with (the "
                 "tokenize run's shards/*/meta.json names its codec_run)")

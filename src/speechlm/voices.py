@@ -99,30 +99,32 @@ def encode_voice(codec: Codec, audio_path: str | Path, text: str, name: str, spe
 
 
 def voice_from_audio(codec: Codec, audio: np.ndarray, text: str, name: str, speaker: str | None = None,
-                     encoder: Any = None) -> Voice:
+                     encoder: Any = None, codec_id: str | None = None) -> Voice:
     """A voice from preprocessed audio at the codec's rate. `encoder`: what encodes it, e.g. the MAX
     encoder of an artifact (anything with the codec's `encode(audio [1, T]) -> codes [1, F]`); default the
-    codec itself."""
+    codec itself. `codec_id`: the codec's code_fingerprint, when the caller has it (one hash per codec)."""
     device = codec.quantizer.levels.device
     codes = (encoder or codec).encode(torch.from_numpy(audio)[None].to(device))[0]
     codes = codes.cpu().numpy().astype(np.int64)
     return Voice(name, text.strip(), codes, codec.codebook_size, codec.frame_rate, codec.sample_rate, speaker,
-                 codec.code_fingerprint())
+                 codec_id or codec.code_fingerprint())
 
 
-def voice_for_codec(voice: Voice, codec: Codec, reference_audio: np.ndarray | None,
-                    encoder: Any = None) -> Voice:
+def voice_for_codec(voice: Voice, codec: Codec, reference_audio: np.ndarray | None, encoder: Any = None,
+                    codec_id: str | None = None) -> Voice:
     """`voice` in `codec`'s codes: as saved when this codec made them, else encoded again from its reference
     recording (a voice of another codec, or one saved before voices named their codec). A voice of another
-    codec without its recording raises (`check_codec`); one whose codec is unknown is used as saved."""
-    if voice.codec_id == codec.code_fingerprint():
+    codec without its recording raises (`check_codec`); one whose codec is unknown is used as saved.
+    `codec_id`: the codec's code_fingerprint, when the caller has it (callers going over many voices)."""
+    codec_id = codec_id or codec.code_fingerprint()
+    if voice.codec_id == codec_id:
         return voice
     if reference_audio is None:
         voice.check_codec(codec)
         log.warning("voice '%s' names no codec and has no %s to encode again: its codes are used as saved, "
                     "which is right only if this codec made them", voice.name, REFERENCE_FILE)
         return voice
-    return voice_from_audio(codec, reference_audio, voice.text, voice.name, voice.speaker, encoder)
+    return voice_from_audio(codec, reference_audio, voice.text, voice.name, voice.speaker, encoder, codec_id)
 
 
 def check_name(name: str) -> str:
