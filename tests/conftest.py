@@ -156,11 +156,12 @@ def pretrain_run(workspace: Path, tiny_corpus: Path, shards: Path) -> Path:
 def sft_runs(workspace: Path, tiny_corpus: Path, pretrain_run: Path) -> dict[str, Path]:
     train(workspace, tiny_corpus, "sft", "run_name=full", "stage.pretrain_run=slm")
     # LoRA in bf16-mixed (the CPU autocast path that the quickstart takes on CPUs with native bf16), with a
-    # fifth of its input codes made wrong and, from its third step, a third of its target codes its own.
+    # fifth of its input codes made wrong, from its third step a third of its target codes its own, and
+    # half of each code label's target its neighbours on the FSQ grid.
     train(workspace, tiny_corpus, "sft", "run_name=lora", "stage.pretrain_run=slm",
           "speechlm.lora.enabled=true", "speechlm.sft.precision=bf16-mixed", "speechlm.sft.code_noise=0.2",
           "speechlm.sft.scheduled_sampling.share=0.3", "speechlm.sft.scheduled_sampling.ramp_steps=2",
-          "speechlm.sft.scheduled_sampling.passes=2")
+          "speechlm.sft.scheduled_sampling.passes=2", "speechlm.sft.grid_smoothing.weight=0.5")
     return {"full": workspace / "runs/sft/full", "lora": workspace / "runs/sft/lora"}
 
 

@@ -32,6 +32,7 @@ from voxlm.speechlm.alignment import (
     text_speech_spans,
 )
 from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid, has_code_grid
+from voxlm.speechlm.grid_smoothing import grid_smoothed_loss, grid_targets
 from voxlm.speechlm.model import build_model, count_parameters, llama_config, padded_vocab_size
 from voxlm.speechlm.module import SpeechLMModule, hf_config_dict, noisy_codes
 from voxlm.speechlm.sequences import (
@@ -327,6 +328,58 @@ def test_code_grid_refuses_levels_of_another_codec_and_untied_embeddings(tok: Sp
         add_code_grid(untied, [4, 4, 4], tok.code_offset, CODEBOOK, init_std=0.01)
 
 
+
+def test_grid_smoothing_makes_a_near_code_cheaper_than_a_far_one(tok: SpeechTokenizer) -> None:
+    """A code label's target shares its mass with its FSQ-grid neighbours: predicting a neighbour of the
+    label costs less than predicting a far code (with one-hot targets both cost the same); text labels keep
+    one-hot targets; weight 0 is transformers' own next-token loss."""
+    levels, fsq = [4, 4, 4], FSQ([4, 4, 4])
+    targets = grid_targets(levels, sigma=0.25)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(CODEBOOK))
+    assert torch.equal(targets.argmax(dim=1), torch.arange(CODEBOOK))
+    code = int(fsq.latent_to_codes(torch.tensor([0.0, 0.0, 0.0])))  # digits (2, 2, 2)
+    near = int(fsq.latent_to_codes(torch.tensor([1.0, 0.0, 0.0])))
+    far = int(fsq.latent_to_codes(torch.tensor([-2.0, -2.0, 1.0])))
+    assert targets[code, near] > 0.05 and targets[code, far] < 1e-6
+
+    def loss(label: int, predicted: int, weight: float) -> float:
+        logits = torch.zeros(1, 2, len(tok))
+        logits[0, 0, predicted] = 8.0
+        labels = torch.tensor([[IGNORE, label]])
+        return float(grid_smoothed_loss(logits, labels, targets, tok.code_offset, weight))
+
+    offset = tok.code_offset
+    assert loss(offset + code, offset + near, 0.0) == pytest.approx(loss(offset + code, offset + far, 0.0))
+    assert loss(offset + code, offset + near, 0.5) < loss(offset + code, offset + far, 0.5) - 0.1
+    text_id = tok.encode_text("fox")[0]
+    assert loss(text_id, offset + near, 0.5) == pytest.approx(loss(text_id, offset + near, 0.0))
+    with pytest.raises(ValueError, match="sigma=0.0: it must be > 0"):
+        grid_targets(levels, sigma=0.0)
+
+    model = build_model(preset("tiny").model, len(tok), tok.layout.special_ids)
+    ids = torch.from_numpy(tts_sequence(tok, SENTENCES[0], np.arange(300) % CODEBOOK).input_ids)[None]
+    labels = torch.from_numpy(tts_sequence(tok, SENTENCES[0], np.arange(300) % CODEBOOK).labels)[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(grid_smoothed_loss(out.logits, labels, targets, offset, 0.0), out.loss)
+    optim = dict(preset("tiny").sft.optim)
+    with pytest.raises(ValueError, match=r"\[8, 5, 5, 5\] make 1000 codes but the vocabulary holds 64"):
+        SpeechLMModule(hf_config_dict(model), optim, 10, layout=asdict(tok.layout), model=model,
+                       grid_smoothing={"weight": 0.5, "sigma": 0.25, "levels": [8, 5, 5, 5]})
+    # The training module takes the smoothed loss as its training loss, and steps on it lower it.
+    module = SpeechLMModule(hf_config_dict(model), optim, 10, layout=asdict(tok.layout), model=model,
+                            grid_smoothing={"weight": 0.5, "sigma": 0.25, "levels": levels})
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    first, guided = module.training_losses(batch)
+    assert guided is None and float(first) != pytest.approx(float(module(batch)), abs=1e-3)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, _ = module.training_losses(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float(loss) < float(first) - 0.5, (float(first), float(loss))
+
 # --- sequences ---------------------------------------------------------------------------------------------
 
 def test_tts_loss_covers_exactly_target_speech_and_speech_end(tok: SpeechTokenizer) -> None:
@@ -541,11 +594,11 @@ def test_guided_attention_trains_the_heads_onto_the_diagonal(tok: SpeechTokenize
     loader = torch.utils.data.DataLoader(SFTDataset(shards, tok), batch_size=4,
                                          collate_fn=partial(pad_collate, pad_id=tok.pad_id))
     batch = next(iter(loader))
-    lm_loss, first = module.losses_with_guided_attention(batch)
+    lm_loss, first = module.training_losses(batch)
     assert float(lm_loss) == pytest.approx(float(module(batch)), abs=1e-5)
     optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
     for _ in range(30):
-        lm_loss, guided_loss = module.losses_with_guided_attention(batch)
+        lm_loss, guided_loss = module.training_losses(batch)
         (lm_loss + guided_loss).backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -345,6 +345,7 @@ def test_sft_lora_saves_a_merged_plain_model(sft_runs: dict[str, Path], pretrain
         "hyper_parameters"]
     assert hparams["code_grid"] is None and hparams["code_noise"] == 0.2
     assert hparams["scheduled_sampling"]["share"] == 0.3 and hparams["scheduled_sampling"]["passes"] == 2
+    assert hparams["grid_smoothing"] == {"weight": 0.5, "sigma": 0.25, "levels": [4, 4, 4]}
     base = load_file(pretrain_run / "hf/model.safetensors")
     merged = load_file(run / "hf/model.safetensors")
     assert merged.keys() == base.keys()  # no lora_A/lora_B, no PEFT prefixes

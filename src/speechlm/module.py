@@ -30,6 +30,7 @@ from voxlm.codec.module import lr_factor
 from voxlm.speechlm.alignment import guided_attention_loss, text_speech_spans
 from voxlm.speechlm.code_grid import add_code_grid, fold_code_grid
 from voxlm.speechlm.generate import filter_top_k
+from voxlm.speechlm.grid_smoothing import check_levels, grid_smoothed_loss, grid_targets
 from voxlm.speechlm.sequences import IGNORE
 from voxlm.speechlm.tokenizer import in_code_block
 
@@ -100,7 +101,9 @@ class SpeechLMModule(L.LightningModule):
     train the code rows through voxlm.speechlm.code_grid (None: off); code_noise: the share of input codes
     replaced by random codes in training steps (`noisy_codes`; 0: off); scheduled_sampling: {"share",
     "ramp_steps", "temperature", "top_k", "passes"} to train on a share of the model's own codes
-    (`own_codes`; the share grows linearly from 0 over ramp_steps; share 0 or None: off). `model` (not a
+    (`own_codes`; the share grows linearly from 0 over ramp_steps; share 0 or None: off); grid_smoothing:
+    {"weight", "sigma", "levels"} to mix each code label's one-hot target with its neighbourhood on the
+    codec's FSQ grid (voxlm.speechlm.grid_smoothing; weight 0 or None: off). `model` (not a
     hyperparameter) gives the initial weights, e.g. a pretrained folder's; without it the model is built from
     model_config, as load_from_checkpoint does before loading them.
     """
@@ -109,7 +112,8 @@ class SpeechLMModule(L.LightningModule):
                  lora_cfg: dict[str, Any] | None = None, layout: dict[str, Any] | None = None,
                  model: LlamaForCausalLM | None = None, guided_cfg: dict[str, Any] | None = None,
                  code_grid: dict[str, Any] | None = None, code_noise: float = 0.0,
-                 scheduled_sampling: dict[str, Any] | None = None) -> None:
+                 scheduled_sampling: dict[str, Any] | None = None,
+                 grid_smoothing: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.optim_cfg, self.max_steps = optim_cfg, int(max_steps)
@@ -123,6 +127,16 @@ class SpeechLMModule(L.LightningModule):
             if not 0 < float(sampling["share"]) <= 1 or int(sampling["passes"]) < 1:
                 raise ValueError(f"scheduled_sampling={sampling}: the share must lie in (0, 1] and passes "
                                  "be at least 1")
+        smoothing = grid_smoothing or {}
+        self.grid_weight = float(smoothing.get("weight") or 0.0)
+        if self.grid_weight:
+            if not layout:
+                raise ValueError("grid smoothing needs the vocabulary layout (where the code block is)")
+            if not 0 < self.grid_weight <= 1:
+                raise ValueError(f"grid_smoothing.weight={self.grid_weight}: it must lie in (0, 1] (0: off)")
+            check_levels(smoothing["levels"], layout["codebook_size"])
+            self.register_buffer("grid_targets", grid_targets(smoothing["levels"], float(smoothing["sigma"])),
+                                 persistent=False)
         self.lora_enabled = bool(lora_cfg and lora_cfg.get("enabled"))
         self.guided_cfg = guided_cfg or {}
         self.guided_weight = float(self.guided_cfg.get("weight") or 0.0)
@@ -230,11 +244,9 @@ class SpeechLMModule(L.LightningModule):
             layout = self.hparams.layout
             batch = {**batch, "input_ids": noisy_codes(batch["input_ids"], layout["code_offset"],
                                                        layout["codebook_size"], self.code_noise)}
-        if self.guided_weight:
-            loss, guided = self.losses_with_guided_attention(batch)
+        loss, guided = self.training_losses(batch)
+        if guided is not None:
             self.log("train/guided_attention", guided.detach(), batch_size=batch_size)
-        else:
-            loss, guided = self(batch), None
         self._batch_tokens = int(batch["attention_mask"].sum())
         if self.first_loss is None and self.global_step == 0:
             self.first_loss = float(loss.detach())
@@ -242,10 +254,20 @@ class SpeechLMModule(L.LightningModule):
         self.log("train/lr", self.optim_cfg["lr"] * self.lr_factor(self.global_step), batch_size=batch_size)
         return loss if guided is None else loss + self.guided_weight * guided
 
-    def losses_with_guided_attention(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(next-token loss, guided attention loss) from one forward."""
+    def training_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """(next-token loss as trained, guided attention loss or None) from one forward. The next-token
+        loss is the model's own, or with grid smoothing on, its code labels smoothed over the grid."""
+        if not self.guided_weight and not self.grid_weight:
+            return self(batch), None
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], output_attentions=True)
+                         labels=None if self.grid_weight else batch["labels"],
+                         output_attentions=bool(self.guided_weight))
+        loss = out.loss
+        if self.grid_weight:
+            loss = grid_smoothed_loss(out.logits, batch["labels"], self.grid_targets,
+                                      self.hparams.layout["code_offset"], self.grid_weight)
+        if not self.guided_weight:
+            return loss, None
         ids = self.hparams.layout["special_ids"]
         spans = text_speech_spans(batch["input_ids"], ids["text_start"], ids["text_end"], ids["speech_start"],
                                   ids["speech_end"])
@@ -253,7 +275,7 @@ class SpeechLMModule(L.LightningModule):
         attentions = list(out.attentions) if layers is None else [out.attentions[i] for i in layers]
         guided = guided_attention_loss(attentions, spans, float(self.guided_cfg["sigma"]),
                                        self.guided_cfg.get("heads"))
-        return out.loss, guided
+        return loss, guided
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # From the previous step's end, so data loading counts; but not across validation or start-up.

@@ -88,7 +88,8 @@ def run_pretrain(cfg: DictConfig, run_dir: Path) -> None:
                             guided_cfg=recipe_section(recipe, "guided_attention"),
                             code_grid=code_grid_config(cfg.speechlm.model, fresh=True),
                             code_noise=float(recipe.get("code_noise") or 0.0),
-                            scheduled_sampling=recipe_section(recipe, "scheduled_sampling"))
+                            scheduled_sampling=recipe_section(recipe, "scheduled_sampling"),
+                            grid_smoothing=recipe_section(recipe, "grid_smoothing"))
     data = PretrainData(train_shards, val_shards, tok, recipe, seed=int(cfg.seed), texts=texts)
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, datamodule=data)
@@ -122,7 +123,8 @@ def run_sft(cfg: DictConfig, run_dir: Path) -> None:
                             code_grid=None if cfg.speechlm.lora.enabled
                             else code_grid_config(cfg.speechlm.model, fresh=False),
                             code_noise=float(recipe.get("code_noise") or 0.0),
-                            scheduled_sampling=recipe_section(recipe, "scheduled_sampling"))
+                            scheduled_sampling=recipe_section(recipe, "scheduled_sampling"),
+                            grid_smoothing=recipe_section(recipe, "grid_smoothing"))
     train_loader, val_loader = sft_loaders(train_shards, val_shards, tok, recipe, int(cfg.seed))
     trainer = build_trainer(with_recipe(cfg, recipe), run_dir)
     fit(trainer, module, run_dir, train_dataloaders=train_loader, val_dataloaders=val_loader)
@@ -350,6 +352,7 @@ def code_grid_config(model_cfg: DictConfig, fresh: bool) -> dict[str, Any] | Non
 
 
 def recipe_section(recipe: DictConfig, name: str) -> dict[str, Any] | None:
-    """One section of the recipe (guided_attention, scheduled_sampling) as a plain dict (None: absent)."""
+    """One section of the recipe (guided_attention, scheduled_sampling, grid_smoothing) as a plain dict
+    (None: absent)."""
     section = recipe.get(name)
     return config_dict(section) if section is not None else None
