@@ -8,8 +8,10 @@ applies under every strategy; FSDP clips with its own sharding-aware clip_grad_n
 
 Logs train/loss, train/lr, train/grad_norm, train/tokens_per_s (non-padding tokens of all ranks per second
 of training step, validation excluded), val/loss (token-weighted over the whole validation set, all
-ranks) and val/ppl. `SpeechLMModule.load_from_checkpoint(path)` rebuilds the model from the checkpoint alone:
-it carries the exact Hugging Face config, the recipe and the vocabulary layout.
+ranks) and val/ppl. With grid smoothing on, train/loss is the smoothed loss that is trained on; val/loss
+stays the plain next-token loss, comparable across runs. `SpeechLMModule.load_from_checkpoint(path)`
+rebuilds the model from the checkpoint alone: it carries the exact Hugging Face config, the recipe and the
+vocabulary layout.
 
 Batches are dicts: {"input_ids", "labels", "attention_mask": LongTensor[B, T], ...}.
 """
